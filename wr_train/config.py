@@ -1,0 +1,232 @@
+"""Plain dataclass configs: model presets, pretraining stages, optimizer and run settings.
+
+A recipe is a YAML/JSON file that fills `PretrainConfig`; `key=value` overrides use dotted
+paths (`model.size=mini`, `stages.0.steps=200`, `optim.lr=3e-4`). Validation raises
+`ConfigError` with one line that names the key and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key/file and what was expected."""
+
+
+# UER's BERT configs for the "miniature" Chinese RoBERTa family:
+# name -> (layers, hidden, heads, ffn)
+PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (2, 128, 2, 512),
+    "mini": (4, 256, 4, 1024),
+    "small": (4, 512, 8, 2048),
+    "medium": (8, 512, 8, 2048),
+    "base": (12, 768, 12, 3072),
+}
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"  # a preset name, or "custom" with the four numbers below
+    layers: int = 0
+    hidden: int = 0
+    heads: int = 0
+    ffn: int = 0
+    max_positions: int = 512
+    dropout: float = 0.1
+    vocab_size: int = 0  # 0 = taken from the spm model
+
+    def resolved(self) -> "ModelConfig":
+        """Fill layers/hidden/heads/ffn from the preset (explicit non-zero values win)."""
+        if self.size != "custom":
+            if self.size not in PRESETS:
+                raise ConfigError(
+                    f"model.size: unknown preset {self.size!r}; expected one of "
+                    f"{', '.join(PRESETS)} or 'custom'")
+            numbers = dict(zip(("layers", "hidden", "heads", "ffn"), PRESETS[self.size]))
+            numbers = {k: getattr(self, k) or v for k, v in numbers.items()}
+            out = dataclasses.replace(self, **numbers)
+        else:
+            out = self
+        for key in ("layers", "hidden", "heads", "ffn"):
+            if getattr(out, key) <= 0:
+                raise ConfigError(f"model.{key}: expected a positive integer for size 'custom'")
+        if out.hidden % out.heads:
+            raise ConfigError(f"model.hidden={out.hidden} is not divisible by model.heads={out.heads}")
+        return out
+
+
+@dataclass
+class StageConfig:
+    """One pretraining stage: its shards, its length and its batch/lr schedule."""
+    name: str = "stage1"
+    shards: str = ""          # dir or s3:// made by `wr-train preprocess`
+    steps: int = 1000         # optimizer steps in this stage
+    global_batch: int = 512   # sequences per optimizer step over all workers
+    micro_batch: int = 64     # sequences per worker per forward pass
+    lr: float = 1e-4
+    warmup: float = 0.1       # fraction of the stage's steps
+
+
+@dataclass
+class OptimConfig:
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    clip: float = 1.0
+
+
+@dataclass
+class MaskConfig:
+    prob: float = 0.15
+    span: bool = False        # geometric span masking (UER's span_masking)
+    span_p: float = 0.2
+    span_max: int = 10
+
+
+@dataclass
+class PretrainConfig:
+    name: str = "wr-run"
+    storage: str = "runs"     # dir or s3://bucket/prefix; the run lives in STORAGE/NAME
+    workers: int = 2
+    gpu: bool = False
+    cpus_per_worker: float = 1.0
+    seed: int = 42
+    precision: str = "auto"   # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    zero_stage: int = 2
+    ds_config: str = ""       # a DeepSpeed JSON (file or a name in ds_configs/); "" = from zero_stage/precision
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    report_every: int = 10
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+
+    def validate(self) -> "PretrainConfig":
+        self.model = self.model.resolved()
+        if self.workers < 1:
+            raise ConfigError(f"workers: expected >= 1, got {self.workers}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision: expected auto|fp32|bf16|fp16, got {self.precision!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero_stage: expected 0-3, got {self.zero_stage}")
+        if not self.stages:
+            raise ConfigError("stages: expected at least one stage")
+        for i, st in enumerate(self.stages):
+            key = f"stages.{i}"
+            if st.steps <= 0:
+                raise ConfigError(f"{key}.steps: expected a positive step count, got {st.steps}")
+            if not st.shards:
+                raise ConfigError(f"{key}.shards: expected a shard directory (made by `wr-train preprocess`)")
+            grad_accum(st, self.workers)  # raises on inconsistent batch sizes
+        if self.checkpoint_every <= 0 or self.report_every <= 0:
+            raise ConfigError("checkpoint_every/report_every: expected positive step counts")
+        return self
+
+
+def grad_accum(stage: StageConfig, workers: int) -> int:
+    """Gradient accumulation that keeps the stage's *global* batch for this worker count."""
+    per_step = stage.micro_batch * workers
+    if stage.micro_batch <= 0 or stage.global_batch <= 0 or stage.global_batch % per_step:
+        raise ConfigError(
+            f"stage {stage.name!r}: global_batch={stage.global_batch} must be a positive multiple of "
+            f"micro_batch × workers = {stage.micro_batch} × {workers} = {per_step}")
+    return stage.global_batch // per_step
+
+
+def _from_dict(cls, data: dict, where: str):
+    """Build dataclass `cls` from a dict, refusing unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{where}{key}: unknown key; expected one of {', '.join(fields)}")
+        sub = _NESTED.get((cls, key))
+        if sub is list:
+            kwargs[key] = [_from_dict(StageConfig, v, f"{where}{key}.{i}.") for i, v in enumerate(value)]
+        elif sub is not None:
+            kwargs[key] = _from_dict(sub, value, f"{where}{key}.")
+        else:
+            kwargs[key] = tuple(value) if key == "betas" else value
+    return cls(**kwargs)
+
+
+_NESTED = {
+    (PretrainConfig, "model"): ModelConfig,
+    (PretrainConfig, "stages"): list,
+    (PretrainConfig, "optim"): OptimConfig,
+    (PretrainConfig, "mask"): MaskConfig,
+}
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe file, or the name of one shipped in wr_train/recipes (e.g. 'demo-tiny')."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = resources.files("wr_train") / "recipes" / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    names = sorted(p.name[:-5] for p in (resources.files("wr_train") / "recipes").iterdir()
+                   if p.name.endswith(".yaml"))
+    raise ConfigError(f"--config {name_or_path}: no such file or shipped recipe ({', '.join(names)})")
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> PretrainConfig:
+    data: dict = {}
+    if path:
+        p = recipe_path(path)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+    cfg = _from_dict(PretrainConfig, data, "")
+    for item in overrides:
+        apply_override(cfg, item)
+    return cfg
+
+
+def apply_override(cfg: Any, item: str) -> None:
+    """Apply one `dotted.key=value` (value parsed as YAML: numbers, bools, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    target, parts = cfg, key.split(".")
+    for part in parts[:-1]:
+        target = target[int(part)] if isinstance(target, list) else getattr(target, part, None)
+        if target is None:
+            raise ConfigError(f"override {key}: unknown key {part!r}")
+    last = parts[-1]
+    if isinstance(target, list):
+        target[int(last)] = value
+        return
+    if not dataclasses.is_dataclass(target) or last not in {f.name for f in dataclasses.fields(target)}:
+        raise ConfigError(f"override {key}: unknown key {last!r}")
+    old = getattr(target, last)
+    if isinstance(old, bool) and not isinstance(value, bool):
+        raise ConfigError(f"override {key}: expected true/false, got {raw!r}")
+    if isinstance(old, (int, float)) and not isinstance(old, bool):
+        try:
+            value = type(old)(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"override {key}: expected a number, got {raw!r}") from None
+    setattr(target, last, value)
+
+
+def to_dict(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(data: dict) -> PretrainConfig:
+    return _from_dict(PretrainConfig, data, "")

@@ -1,0 +1,372 @@
+"""Masked-LM pretraining: a Ray Train TorchTrainer whose workers run DeepSpeed ZeRO.
+
+Driver (`run`): validate the recipe and the shards, then `trainer.fit()`.
+Worker (`train_worker`): for each stage from where the run stopped: build the model
+(from the previous stage's weights), `deepspeed.initialize`, stream masked rows, step,
+report metrics, and every `checkpoint_every` steps save a complete checkpoint that every
+rank reports to. Re-running with the same storage and name resumes from the last
+complete checkpoint, exactly (same data order, masks, dropout RNG, optimizer, schedule).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+from wr_train import storage
+from wr_train.checkpoint import CheckpointError, latest_complete
+from wr_train.config import ConfigError, PretrainConfig, StageConfig, from_dict, grad_accum, to_dict
+from wr_train.corpus import CorpusError, load_manifest
+
+DS_TAG = "ds"  # DeepSpeed's sub-directory inside a checkpoint
+
+
+# ---------------------------------------------------------------- DeepSpeed config
+
+def load_ds_file(name_or_path: str) -> dict:
+    path = Path(name_or_path)
+    if not path.exists():
+        shipped = resources.files("wr_train.ds_configs") / (name_or_path if name_or_path.endswith(".json")
+                                                             else name_or_path + ".json")
+        if not shipped.is_file():
+            raise ConfigError(f"ds_config {name_or_path}: no such file or shipped config "
+                              f"(zero1_bf16, zero2_bf16, zero3_bf16, zero2_fp16, zero3_offload_bf16, cpu_fp32)")
+        path = Path(str(shipped))
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"ds_config {path}: not valid JSON ({e})") from None
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def resolve_precision(cfg: PretrainConfig) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if cfg.gpu else "fp32"
+
+
+def build_ds_config(cfg: PretrainConfig, stage: StageConfig, world: int) -> dict:
+    """The shipped/named DeepSpeed JSON with the recipe's batch, optimizer and schedule."""
+    ds = load_ds_file(cfg.ds_config or ("zero2_bf16" if cfg.gpu else "cpu_fp32"))
+    accum = grad_accum(stage, world)
+    precision = resolve_precision(cfg)
+    ds["bf16"] = {"enabled": precision == "bf16"}
+    fp16 = ds.get("fp16", {}) if precision == "fp16" else {}
+    ds["fp16"] = {**{"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                     "hysteresis": 2, "min_loss_scale": 1}, **fp16, "enabled": precision == "fp16"}
+    ds["zero_optimization"] = {**ds.get("zero_optimization", {})}
+    if not cfg.ds_config:
+        ds["zero_optimization"]["stage"] = cfg.zero_stage
+    ds["train_micro_batch_size_per_gpu"] = stage.micro_batch
+    ds["gradient_accumulation_steps"] = accum
+    ds["train_batch_size"] = stage.micro_batch * accum * world
+    ds["gradient_clipping"] = cfg.optim.clip
+    offload = ds["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu"
+    ds["optimizer"] = {"type": "AdamW", "params": {
+        "lr": stage.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+        "weight_decay": cfg.optim.weight_decay,
+        # torch's AdamW (fused on CUDA) needs no JIT build; CPU offload needs DeepSpeedCPUAdam.
+        **({} if offload else {"torch_adam": True})}}
+    ds["scheduler"] = {"type": "WarmupDecayLR", "params": {
+        "total_num_steps": stage.steps, "warmup_min_lr": 0.0, "warmup_max_lr": stage.lr,
+        "warmup_num_steps": max(1, int(stage.warmup * stage.steps)), "warmup_type": "linear"}}
+    ds.setdefault("steps_per_print", 10 ** 9)
+    return ds
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------- the worker loop
+
+def train_worker(loop_config: dict) -> None:
+    cfg = from_dict(loop_config["config"]).validate()
+    if not cfg.gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from wr_train.model import SparseMLM, build_mlm, flops_per_token, peak_flops
+    from wr_train.stream import RowStream, masked_batches
+    from wr_train.tokenizer import PAD
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    run_dir = loop_config["run_dir"]
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    # Which checkpoint to resume from: rank 0 decides, everyone follows.
+    choice = [latest_complete(run_dir, log=log) if rank == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    resume_dir, state = choice[0]
+    local_resume = None
+    if state:
+        if state["world_size"] != world:
+            raise CheckpointError(
+                f"{resume_dir}: saved by {state['world_size']} workers, this run has {world}; "
+                f"resume with --workers {state['world_size']} (data positions are per worker)")
+        local_resume = tempfile.mkdtemp(prefix=f"wr-resume-r{rank}-")
+        storage.copy_tree(resume_dir, local_resume, progress=False)
+        log(f"resuming from {resume_dir} (stage {state['stage']}, step {state['step']})")
+    history = _read_history(local_resume) if (state and rank == 0) else []
+    start_stage = state["stage"] if state else 0
+    stage_step = state["stage_step"] if state else 0
+    positions = state["positions"] if state else None
+    global_step = state["step"] if state else 0
+    if state and stage_step == cfg.stages[start_stage].steps:  # resumed at a stage's end
+        start_stage, stage_step, positions = start_stage + 1, 0, None
+    weights_from = local_resume  # where the next stage's starting weights live
+
+    peak = None
+    for s in range(start_stage, len(cfg.stages)):
+        stage = cfg.stages[s]
+        manifest = load_manifest(stage.shards)
+        vocab = manifest["vocab_size"]
+        mlm = build_mlm(cfg.model, vocab, seed=cfg.seed)
+        mid_stage = state is not None and s == start_stage and stage_step > 0
+        if weights_from and not mid_stage:
+            # A new stage starts from the last weights (fp32, gathered from any ZeRO stage)
+            # with a fresh optimizer and schedule, as the seed's recipe does.
+            mlm.load_state_dict(_fp32_weights(weights_from), strict=False)
+            mlm.tie_weights()
+        engine, _, _, _ = deepspeed.initialize(
+            model=SparseMLM(mlm), model_parameters=param_groups(mlm, cfg.optim.weight_decay),
+            config=build_ds_config(cfg, stage, world))
+        if mid_stage:
+            engine.load_checkpoint(local_resume, tag=DS_TAG)
+            rng = torch.load(os.path.join(local_resume, "rng", f"rank_{rank}.pt"), weights_only=False)
+            torch.set_rng_state(rng["cpu"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        else:
+            stage_step = 0
+        stream = RowStream(stage.shards, manifest, seed=cfg.seed, stage=s, rank=rank, world=world,
+                           micro_batch=stage.micro_batch,
+                           consumed=positions[rank] if (mid_stage and positions) else 0)
+        batches = masked_batches(stream, seed=cfg.seed, vocab_size=vocab, mask_cfg=cfg.mask)
+        accum = engine.gradient_accumulation_steps()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg), torch.float32)
+        if peak is None:
+            peak = peak_flops(device, dtype)
+        seq = manifest["seq_length"]
+        log(f"stage {s + 1}/{len(cfg.stages)} {stage.name}: seq {seq}, {stage.steps} steps, global batch "
+            f"{stage.global_batch} = {stage.micro_batch} × {accum} accum × {world} workers, "
+            f"ZeRO-{engine.zero_optimization_stage()}, {resolve_precision(cfg)}, {device}")
+        totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss·n, correct, targets, tokens
+        t_last, steps_since = time.time(), 0
+        engine.train()
+        while stage_step < stage.steps:
+            for _ in range(accum):
+                ids, labels, _ = next(batches)
+                ids_t = torch.from_numpy(ids).to(device)
+                loss, correct, n = engine(ids_t, torch.from_numpy(labels).to(device))
+                engine.backward(loss)
+                engine.step()
+                totals += torch.tensor([loss.item() * n, float(correct), n, float((ids_t != PAD).sum())],
+                                       dtype=torch.float64, device=device)
+            stage_step += 1
+            global_step += 1
+            steps_since += 1
+            save = stage_step % cfg.checkpoint_every == 0 or stage_step == stage.steps
+            if not (save or stage_step % cfg.report_every == 0):
+                continue
+            dist.all_reduce(totals)
+            loss_sum, correct_sum, targets, tokens = totals.tolist()
+            elapsed = time.time() - t_last
+            tok_s = tokens / max(elapsed, 1e-9)
+            mask_frac = targets / max(tokens, 1)
+            metrics = {
+                "step": global_step, "stage": s, "stage_step": stage_step,
+                "loss": loss_sum / max(targets, 1), "mlm_acc": correct_sum / max(targets, 1),
+                "lr": float(engine.get_lr()[0]), "tokens_per_s": tok_s,
+                "mfu": tok_s * flops_per_token(cfg.model, vocab, seq, mask_frac) / (peak * world),
+                "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
+                "time": time.time(),
+            }
+            eta = elapsed / steps_since * (stage.steps - stage_step)
+            log(f"[{stage.name}] step {stage_step}/{stage.steps} loss {metrics['loss']:.4f} "
+                f"acc {metrics['mlm_acc']:.3f} lr {metrics['lr']:.2e} {tok_s:,.0f} tok/s "
+                f"mfu {metrics['mfu']:.1%} eta {eta:.0f}s", flush=True)
+            history.append(metrics)
+            totals.zero_()
+            t_last, steps_since = time.time(), 0
+            if save:
+                ckpt_dir = _save_checkpoint(engine, cfg, loop_config, stage, s, stage_step, global_step,
+                                            stream.consumed, history, rank, world)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
+                if rank == 0:
+                    storage.write_text(storage.join(run_dir, "metrics.jsonl"), _jsonl(history))
+                if weights_from and weights_from != ckpt_dir and weights_from != local_resume:
+                    shutil.rmtree(weights_from, ignore_errors=True)
+                weights_from = ckpt_dir
+            else:
+                ray.train.report(metrics)
+        batches.close()
+        del engine
+        stage_step, positions = 0, None
+    if weights_from and weights_from != local_resume:
+        shutil.rmtree(weights_from, ignore_errors=True)
+    if local_resume:
+        shutil.rmtree(local_resume, ignore_errors=True)
+
+
+def _save_checkpoint(engine, cfg, loop_config, stage, s, stage_step, global_step, consumed,
+                     history, rank, world) -> str:
+    """Every rank writes its files into a local dir; rank 0 adds state.json listing them all."""
+    import torch
+    import torch.distributed as dist
+
+    out = tempfile.mkdtemp(prefix=f"wr-ckpt-r{rank}-")
+    engine.save_checkpoint(out, tag=DS_TAG)
+    os.makedirs(os.path.join(out, "rng"), exist_ok=True)
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+               os.path.join(out, "rng", f"rank_{rank}.pt"))
+    positions = [None] * world
+    dist.all_gather_object(positions, consumed)
+    if rank == 0:
+        manifests = {}
+        for i, st in enumerate(cfg.stages):
+            manifests[st.name] = load_manifest(st.shards)
+        with open(os.path.join(out, "manifests.json"), "w") as f:
+            json.dump(manifests, f, ensure_ascii=False, indent=1)
+        spm_src = storage.join(stage.shards, "spm.model")
+        with open(os.path.join(out, "spm.model"), "wb") as f:
+            f.write(storage.read_bytes(spm_src))
+        with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+            f.write(_jsonl(history))
+    listing = {str(p.relative_to(out)): p.stat().st_size for p in Path(out).rglob("*") if p.is_file()}
+    listings = [None] * world
+    dist.all_gather_object(listings, listing)
+    if rank == 0:
+        files = {}
+        for one in listings:
+            files.update({rel: {"size": size} for rel, size in one.items()})
+        state = {
+            "step": global_step, "stage": s, "stage_name": stage.name, "stage_step": stage_step,
+            "stage_steps": stage.steps, "world_size": world, "positions": positions,
+            "ds_tag": DS_TAG, "config": to_dict(cfg), "files": files,
+            "vocab_size": load_manifest(stage.shards)["vocab_size"],
+            "seq_length": load_manifest(stage.shards)["seq_length"],
+            "saved_at": time.time(),
+        }
+        with open(os.path.join(out, "state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+    return out
+
+
+def _fp32_weights(ckpt_dir: str) -> dict:
+    """Full fp32 weights of a local checkpoint copy, whatever its ZeRO stage."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=DS_TAG)
+    return {k[len("mlm."):]: v for k, v in sd.items() if k.startswith("mlm.")}
+
+
+def _read_history(ckpt_dir: str) -> list[dict]:
+    path = os.path.join(ckpt_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+# ---------------------------------------------------------------- the driver
+
+def preflight(cfg: PretrainConfig) -> None:
+    """Every check that can fail before a worker starts, each a one-line error."""
+    cfg.validate()
+    vocab = sha = None
+    for i, st in enumerate(cfg.stages):
+        try:
+            m = load_manifest(st.shards)
+        except (CorpusError, storage.StorageError) as e:
+            raise ConfigError(f"stages.{i}.shards: {e}") from None
+        if m["seq_length"] > cfg.model.max_positions:
+            raise ConfigError(f"stages.{i}.shards {st.shards}: seq_length {m['seq_length']} exceeds "
+                              f"model.max_positions {cfg.model.max_positions}")
+        if cfg.model.vocab_size and m["vocab_size"] != cfg.model.vocab_size:
+            raise ConfigError(f"stages.{i}.shards {st.shards}: vocab {m['vocab_size']} does not match "
+                              f"model.vocab_size {cfg.model.vocab_size}")
+        if sha and m["spm_sha256"] != sha:
+            raise ConfigError(f"stages.{i}.shards {st.shards}: made with another spm model than "
+                              f"stages.0 (vocab {m['vocab_size']} vs {vocab}); all stages need one segmenter")
+        vocab, sha = m["vocab_size"], m["spm_sha256"]
+    build_ds_config(cfg, cfg.stages[0], cfg.workers)  # a bad ds_config fails here, not in a worker
+
+
+def run_dir_of(cfg: PretrainConfig) -> str:
+    return storage.join(cfg.storage, cfg.name)
+
+
+def run(cfg: PretrainConfig, log=print) -> str:
+    """Train (or resume) the run STORAGE/NAME; returns the last checkpoint's path."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    preflight(cfg)
+    run_dir = run_dir_of(cfg)
+    try:
+        storage.check_writable(run_dir)
+    except storage.StorageError as e:
+        raise ConfigError(f"--storage {cfg.storage}: {e}") from None
+    ckpt, state = latest_complete(run_dir, log=log)
+    if state:
+        if state["world_size"] != cfg.workers:
+            raise CheckpointError(f"{ckpt}: saved by {state['world_size']} workers; resume with "
+                                  f"--workers {state['world_size']} (data positions are per worker)")
+        log(f"pretrain: resuming {run_dir} from step {state['step']}")
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, include_dashboard=False,
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cfg.gpu else None)
+    fs, inner = storage.resolve(cfg.storage)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": to_dict(cfg), "run_dir": run_dir},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=inner, storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+    )
+    log(f"pretrain: {cfg.model.size} model, {len(cfg.stages)} stage(s), {cfg.workers} worker(s) -> {run_dir}")
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps the worker's exception; keep its last line
+        raise RuntimeError(f"pretraining failed: {_root_cause(e)}") from None
+    last = storage.join(run_dir, Path(result.checkpoint.path).name) if result.checkpoint else None
+    if last is None:
+        ckpt, _ = latest_complete(run_dir, log=log)
+        last = ckpt
+    return last
+
+
+def _root_cause(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    for line in reversed(text):
+        if "Error" in line and ":" in line:
+            return line.strip()
+    return text[-1] if text else type(e).__name__

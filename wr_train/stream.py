@@ -1,0 +1,145 @@
+"""Each worker's stream of masked micro-batches: an order that is a pure function of
+(seed, stage, epoch, rank, world size), so a resumed run skips exactly what it saw.
+
+The unit of order is a Parquet row group (`BLOCK_ROWS` rows, written by preprocess).
+Per epoch: the blocks of all shard files are permuted with a seeded generator, worker r
+takes blocks r, r+W, r+2W, ..., and rows inside a block are permuted too. A worker reads
+one block at a time (memory does not grow with the corpus) and masks the next
+micro-batches on a background thread while the model steps.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from wr_train import storage
+from wr_train.masking import mask_batch
+
+
+@dataclass(frozen=True)
+class Block:
+    file: str
+    group: int
+    rows: int
+
+
+def list_blocks(shards: str, manifest: dict) -> list[Block]:
+    blocks = []
+    for name in sorted(manifest["files"]):
+        for g, n in enumerate(manifest["files"][name]["row_groups"]):
+            blocks.append(Block(name, g, n))
+    return blocks
+
+
+def epoch_blocks(blocks: list[Block], seed: int, stage: int, epoch: int, rank: int, world: int) -> list[Block]:
+    order = np.random.default_rng((seed, stage, epoch, 7)).permutation(len(blocks))
+    return [blocks[i] for i in order[rank::world]]
+
+
+class RowStream:
+    """Yields (row_ids, input_ids) micro-batches forever; `consumed` counts rows taken."""
+
+    def __init__(self, shards: str, manifest: dict, *, seed: int, stage: int, rank: int,
+                 world: int, micro_batch: int, consumed: int = 0):
+        self.shards, self.seed, self.stage = shards, seed, stage
+        self.rank, self.world, self.micro_batch = rank, world, micro_batch
+        self.blocks = list_blocks(shards, manifest)
+        if len(self.blocks) < world:
+            raise ValueError(f"{shards}: {len(self.blocks)} row group(s) cannot feed {world} workers; "
+                             f"use fewer workers or a bigger corpus")
+        self.consumed = consumed
+        self._files: dict = {}
+
+    def _read_block(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
+        import pyarrow.parquet as pq
+        pf = self._files.get(block.file)
+        if pf is None:
+            fs, inner = storage.resolve(storage.join(self.shards, block.file))
+            pf = self._files[block.file] = pq.ParquetFile(fs.open_input_file(inner))
+        table = pf.read_row_group(block.group)
+        ids = table.column("input_ids").combine_chunks()
+        seq = ids.type.list_size
+        return (table.column("row_id").to_numpy(),
+                ids.flatten().to_numpy(zero_copy_only=False).reshape(-1, seq))
+
+    def _positions(self):
+        """(epoch, block index, row offset) of row number `self.consumed` of this worker."""
+        epoch, left = 0, self.consumed
+        while True:
+            mine = epoch_blocks(self.blocks, self.seed, self.stage, epoch, self.rank, self.world)
+            total = sum(b.rows for b in mine)
+            if left < total:
+                for i, b in enumerate(mine):
+                    if left < b.rows:
+                        return epoch, i, left
+                    left -= b.rows
+            left -= total
+            epoch += 1
+
+    def rows(self):
+        """Yields (epoch, row_id, input_ids) one row at a time in this worker's order."""
+        epoch, start_block, offset = self._positions()
+        while True:
+            mine = epoch_blocks(self.blocks, self.seed, self.stage, epoch, self.rank, self.world)
+            for i in range(start_block, len(mine)):
+                row_ids, ids = self._read_block(mine[i])
+                perm = np.random.default_rng((self.seed, self.stage, epoch, int(row_ids[0]))).permutation(len(row_ids))
+                for j in perm[offset:]:
+                    yield epoch, row_ids[j], ids[j]
+                offset = 0
+            start_block, epoch = 0, epoch + 1
+
+    def batches(self):
+        """Unmasked micro-batches: (epoch array, row_ids, input_ids)."""
+        it = self.rows()
+        while True:
+            rows = [next(it) for _ in range(self.micro_batch)]
+            yield (np.array([r[0] for r in rows]), np.array([r[1] for r in rows]),
+                   np.stack([r[2] for r in rows]))
+
+
+def masked_batches(stream: RowStream, *, seed: int, vocab_size: int, mask_cfg, prefetch: int = 4):
+    """Masked micro-batches (input_ids, labels, row_ids) computed ahead on a thread.
+
+    The mask of a row depends on the epoch in which the row is seen; rows of one
+    micro-batch can straddle an epoch boundary, so each row uses its own epoch.
+    """
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for epochs, row_ids, ids in stream.batches():
+                out_ids = np.empty_like(ids, dtype=np.int64)
+                labels = np.empty_like(ids, dtype=np.int64)
+                for e in np.unique(epochs):
+                    sel = epochs == e
+                    out_ids[sel], labels[sel] = mask_batch(
+                        ids[sel], row_ids[sel], epoch=int(e), seed=seed, vocab_size=vocab_size,
+                        prob=mask_cfg.prob, span=mask_cfg.span, span_p=mask_cfg.span_p,
+                        span_max=mask_cfg.span_max)
+                while not stop.is_set():
+                    try:
+                        q.put((out_ids, labels, row_ids), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as e:  # surface reader errors in the training loop
+            q.put(e)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            stream.consumed += len(item[2])
+            yield item
+    finally:
+        stop.set()
