@@ -37,3 +37,60 @@ def s3():
             yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3):
+    """One local Ray for the session. Logical CPUs above the 2 real cores so two
+    training workers and Ray Data tasks can be scheduled together. Started after the S3
+    server so its workers inherit the AWS_* environment, as cluster nodes would have
+    an instance profile."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    yield ray
+
+
+@pytest.fixture(scope="session")
+def small_corpus(demo_dir) -> list[str]:
+    """A ~2.8M-character slice of the real demo corpus: People's Daily + reviews."""
+    return [str(demo_dir / "corpus" / "peoples_daily.txt"), str(demo_dir / "corpus" / "reviews.txt")]
+
+
+@pytest.fixture(scope="session")
+def tiny_spm(tmp_path_factory, small_corpus) -> Path:
+    from wr_train.tokenizer import train_spm
+    out = tmp_path_factory.mktemp("spm")
+    train_spm(small_corpus, str(out), vocab_size=8000, input_sentence_size=30_000)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards128(tmp_path_factory, ray_local, small_corpus, tiny_spm) -> Path:
+    from wr_train.corpus import preprocess
+    out = tmp_path_factory.mktemp("shards") / "s128"
+    preprocess(small_corpus, str(tiny_spm), str(out), seq_length=128)
+    return out
+
+
+def pretrain_cfg(shards, storage, name, **over):
+    """The tests' pretraining recipe: tiny, 2 workers, ZeRO-2 fp32 on CPU, 30 steps."""
+    from wr_train.config import PretrainConfig, StageConfig
+    stage = StageConfig(name="seq128", shards=str(shards), steps=over.pop("steps", 30),
+                        global_batch=32, micro_batch=16, lr=1e-3, warmup=0.1)
+    cfg = PretrainConfig(name=name, storage=str(storage), workers=2, cpus_per_worker=1,
+                         checkpoint_every=10, report_every=5, stages=[stage])
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg.validate()
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(tmp_path_factory, ray_local, shards128):
+    """The one shared small pretraining run: (cfg, last checkpoint path)."""
+    from wr_train import pretrain
+    storage = tmp_path_factory.mktemp("runs")
+    cfg = pretrain_cfg(shards128, storage, "shared")
+    last = pretrain.run(cfg)
+    return cfg, last

@@ -48,7 +48,8 @@ def list_checkpoints(run_dir: str) -> list[str]:
     """Ray's checkpoint_* directories of a run, oldest first."""
     if not storage.isdir(run_dir):
         return []
-    names = {rel.split("/", 1)[0] for rel in storage.list_files(run_dir) if rel.startswith("checkpoint_")}
+    names = {rel.split("/", 1)[0] for rel in storage.list_files(run_dir)
+             if rel.startswith("checkpoint_") and "/" in rel}
     return sorted((storage.join(run_dir, n) for n in names),
                   key=lambda p: [int(x) for x in re.findall(r"\d+", p.rsplit("/", 1)[-1])] or [0])
 

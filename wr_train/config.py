@@ -105,6 +105,7 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 0
     report_every: int = 10
+    fail_at_step: int = 0     # fault-injection for tests/drills: rank 0 raises once at this global step
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -113,18 +113,12 @@ def train_worker(loop_config: dict) -> None:
     run_dir = loop_config["run_dir"]
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    # Which checkpoint to resume from: rank 0 decides, everyone follows.
-    choice = [latest_complete(run_dir, log=log) if rank == 0 else None]
-    dist.broadcast_object_list(choice, src=0)
-    resume_dir, state = choice[0]
-    local_resume = None
+    resume_dir, state, local_resume = _fetch_latest(run_dir, rank, log)
+    if state and state["world_size"] != world:
+        raise CheckpointError(
+            f"{resume_dir}: saved by {state['world_size']} workers, this run has {world}; "
+            f"resume with --workers {state['world_size']} (data positions are per worker)")
     if state:
-        if state["world_size"] != world:
-            raise CheckpointError(
-                f"{resume_dir}: saved by {state['world_size']} workers, this run has {world}; "
-                f"resume with --workers {state['world_size']} (data positions are per worker)")
-        local_resume = tempfile.mkdtemp(prefix=f"wr-resume-r{rank}-")
-        storage.copy_tree(resume_dir, local_resume, progress=False)
         log(f"resuming from {resume_dir} (stage {state['stage']}, step {state['step']})")
     history = _read_history(local_resume) if (state and rank == 0) else []
     start_stage = state["stage"] if state else 0
@@ -133,7 +127,7 @@ def train_worker(loop_config: dict) -> None:
     global_step = state["step"] if state else 0
     if state and stage_step == cfg.stages[start_stage].steps:  # resumed at a stage's end
         start_stage, stage_step, positions = start_stage + 1, 0, None
-    weights_from = local_resume  # where the next stage's starting weights live
+    weights_from = local_resume  # a local copy holding the next stage's starting weights
 
     peak = None
     for s in range(start_stage, len(cfg.stages)):
@@ -185,6 +179,8 @@ def train_worker(loop_config: dict) -> None:
             stage_step += 1
             global_step += 1
             steps_since += 1
+            if global_step == cfg.fail_at_step:
+                _inject_failure_once(run_dir, rank, global_step)
             save = stage_step % cfg.checkpoint_every == 0 or stage_step == stage.steps
             if not (save or stage_step % cfg.report_every == 0):
                 continue
@@ -209,26 +205,43 @@ def train_worker(loop_config: dict) -> None:
             totals.zero_()
             t_last, steps_since = time.time(), 0
             if save:
-                ckpt_dir = _save_checkpoint(engine, cfg, loop_config, stage, s, stage_step, global_step,
+                ckpt_dir = _save_checkpoint(engine, cfg, stage, s, stage_step, global_step,
                                             stream.consumed, history, rank, world)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
+                shutil.rmtree(ckpt_dir, ignore_errors=True)  # Ray has persisted it
                 if rank == 0:
                     storage.write_text(storage.join(run_dir, "metrics.jsonl"), _jsonl(history))
-                if weights_from and weights_from != ckpt_dir and weights_from != local_resume:
-                    shutil.rmtree(weights_from, ignore_errors=True)
-                weights_from = ckpt_dir
             else:
                 ray.train.report(metrics)
         batches.close()
         del engine
         stage_step, positions = 0, None
-    if weights_from and weights_from != local_resume:
+        if s + 1 < len(cfg.stages):
+            # Each rank wrote only its own shard files; the next stage's weights come from
+            # the merged checkpoint in storage, once every rank's upload is done.
+            dist.barrier()
+            if weights_from:
+                shutil.rmtree(weights_from, ignore_errors=True)
+            _, _, weights_from = _fetch_latest(run_dir, rank, log)
+    if weights_from:
         shutil.rmtree(weights_from, ignore_errors=True)
-    if local_resume:
-        shutil.rmtree(local_resume, ignore_errors=True)
 
 
-def _save_checkpoint(engine, cfg, loop_config, stage, s, stage_step, global_step, consumed,
+def _fetch_latest(run_dir: str, rank: int, log):
+    """(storage path, state, local copy) of the last complete checkpoint, or Nones.
+    Rank 0 picks it so every rank resumes from the same one."""
+    import torch.distributed as dist
+    choice = [latest_complete(run_dir, log=log) if rank == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    ckpt, state = choice[0]
+    if not state:
+        return None, None, None
+    local = tempfile.mkdtemp(prefix=f"wr-resume-r{rank}-")
+    storage.copy_tree(ckpt, local, progress=False)
+    return ckpt, state, local
+
+
+def _save_checkpoint(engine, cfg, stage, s, stage_step, global_step, consumed,
                      history, rank, world) -> str:
     """Every rank writes its files into a local dir; rank 0 adds state.json listing them all."""
     import torch
@@ -273,6 +286,14 @@ def _save_checkpoint(engine, cfg, loop_config, stage, s, stage_step, global_step
     return out
 
 
+def _inject_failure_once(run_dir: str, rank: int, step: int) -> None:
+    """A drill: rank 0 dies at `step` the first time only (a marker in the run dir)."""
+    marker = storage.join(run_dir, f".injected-failure-{step}")
+    if rank == 0 and not storage.exists(marker):
+        storage.write_text(marker, "1")
+        raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
+
+
 def _fp32_weights(ckpt_dir: str) -> dict:
     """Full fp32 weights of a local checkpoint copy, whatever its ZeRO stage."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -312,7 +333,19 @@ def preflight(cfg: PretrainConfig) -> None:
             raise ConfigError(f"stages.{i}.shards {st.shards}: made with another spm model than "
                               f"stages.0 (vocab {m['vocab_size']} vs {vocab}); all stages need one segmenter")
         vocab, sha = m["vocab_size"], m["spm_sha256"]
-    build_ds_config(cfg, cfg.stages[0], cfg.workers)  # a bad ds_config fails here, not in a worker
+    ds = build_ds_config(cfg, cfg.stages[0], cfg.workers)  # a bad ds_config fails here, not in a worker
+    if ds["fp16"]["enabled"] and not cfg.gpu and not cpu_supports_fp16():
+        raise ConfigError("precision fp16: this CPU has no fp16 kernels (DeepSpeed refuses it); "
+                          "use fp32 or bf16 on CPU, fp16 on GPUs")
+
+
+def cpu_supports_fp16() -> bool:
+    """DeepSpeed's CPU accelerator takes fp16 only where oneDNN has fp16 kernels."""
+    import torch
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:
+        return False
 
 
 def run_dir_of(cfg: PretrainConfig) -> str:
