@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--out", required=True, help="shard directory, local or s3://")
 
     t = add("pretrain", "Pretrain (or resume) a masked-LM run on Ray Train + DeepSpeed.")
-    _pretrain_args(t)
+    add_pretrain_args(t)
 
     e = add("export", "Turn a checkpoint (dir or s3://) into a HuggingFace model directory.")
     e.add_argument("checkpoint")
@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _pretrain_args(t: argparse.ArgumentParser) -> None:
+def add_pretrain_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--config", help="recipe YAML/JSON, or a shipped one: demo-tiny, seed-tiny … seed-base")
     t.add_argument("--size", help="model preset: tiny, mini, small, medium, base")
     t.add_argument("--shards", help="shards of a one-stage run (dir or s3://)")

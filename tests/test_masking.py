@@ -1,0 +1,97 @@
+"""Dynamic masking statistics and seeding; the per-worker stream order."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wr_train.masking import IGNORE, mask_batch
+from wr_train.tokenizer import CLS, MASK, NUM_SPECIAL, PAD, SEP
+
+V = 8000
+
+
+def fake_rows(n=400, L=128, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(NUM_SPECIAL, V, size=(n, L))
+    ids[:, 0] = CLS
+    ids[:, 60] = SEP
+    ids[-5:, 100:] = PAD
+    return ids, np.arange(1000, 1000 + n)
+
+
+def test_statistics_80_10_10():
+    ids, rows = fake_rows()
+    out, labels = mask_batch(ids, rows, epoch=0, seed=1, vocab_size=V)
+    target = labels != IGNORE
+    candidates = ids >= NUM_SPECIAL
+    frac = target.sum() / candidates.sum()
+    assert 0.14 < frac < 0.16
+    assert not target[~candidates].any()                        # never a special / pad position
+    assert (labels[target] == ids[target]).all()                # labels are the originals
+    assert (out[~target] == ids[~target]).all()                 # nothing else changes
+    masked = (out[target] == MASK).mean()
+    kept = (out[target] == ids[target]).mean()
+    assert 0.77 < masked < 0.83 and 0.08 < kept < 0.12
+    replaced = target & (out != MASK) & (out != ids)
+    assert 0.07 < replaced.sum() / target.sum() < 0.12
+    assert (out[replaced] >= NUM_SPECIAL).all()                 # random tokens are never special
+
+
+def test_mask_is_a_function_of_seed_epoch_row():
+    ids, rows = fake_rows(50)
+    a = mask_batch(ids, rows, epoch=3, seed=7, vocab_size=V)
+    b = mask_batch(ids, rows, epoch=3, seed=7, vocab_size=V)
+    assert (a[0] == b[0]).all() and (a[1] == b[1]).all()
+    # batch composition does not matter: row 10 alone gets the same mask
+    c = mask_batch(ids[10:11], rows[10:11], epoch=3, seed=7, vocab_size=V)
+    assert (c[1][0] == a[1][10]).all()
+    # a new epoch (or seed) masks differently
+    d = mask_batch(ids, rows, epoch=4, seed=7, vocab_size=V)
+    e = mask_batch(ids, rows, epoch=3, seed=8, vocab_size=V)
+    assert (d[1] != a[1]).any() and (e[1] != a[1]).any()
+
+
+def test_every_row_with_text_gets_a_target():
+    ids = np.full((3, 16), PAD)
+    ids[:, 0] = CLS
+    ids[:, 1] = 500       # one real token per row: 15% would often pick none
+    ids[:, 2] = SEP
+    _, labels = mask_batch(ids, np.arange(3), epoch=0, seed=0, vocab_size=V)
+    assert ((labels != IGNORE).sum(1) == 1).all()
+
+
+def test_span_masking_picks_contiguous_spans():
+    ids, rows = fake_rows(100)
+    _, labels = mask_batch(ids, rows, epoch=0, seed=0, vocab_size=V, span=True, span_p=0.2, span_max=10)
+    target = labels != IGNORE
+    frac = target.sum() / (ids >= NUM_SPECIAL).sum()
+    assert 0.13 < frac < 0.17
+    runs = []
+    for row in target:
+        edges = np.diff(np.concatenate([[0], row.astype(int), [0]]))
+        runs += list(np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1))
+    assert np.mean(runs) > 2.0                      # spans, not isolated tokens
+    assert max(runs) <= 30
+
+
+def test_stream_splits_rows_between_workers_and_resumes_exactly(shards128):
+    from wr_train.corpus import load_manifest
+    from wr_train.stream import RowStream, epoch_blocks, list_blocks
+    manifest = load_manifest(str(shards128))
+    total = manifest["rows"]
+    streams = [RowStream(str(shards128), manifest, seed=1, stage=0, rank=r, world=2, micro_batch=8) for r in (0, 1)]
+    epoch_rows = []
+    for r, st in enumerate(streams):
+        n = sum(b.rows for b in epoch_blocks(list_blocks(str(shards128), manifest), 1, 0, 0, r, 2))
+        it = st.rows()
+        epoch_rows.append([int(next(it)[1]) for _ in range(n)])
+    seen = epoch_rows[0] + epoch_rows[1]
+    assert sorted(seen) == list(range(total))       # one epoch: disjoint and complete
+    # resume at row 1000 of worker 1 continues exactly where the full stream was
+    resumed = RowStream(str(shards128), manifest, seed=1, stage=0, rank=1, world=2, micro_batch=8, consumed=1000)
+    it = resumed.rows()
+    assert [int(next(it)[1]) for _ in range(50)] == epoch_rows[1][1000:1050]
+    # the next epoch is ordered differently
+    it = streams[0].rows()
+    first = [int(next(it)[1]) for _ in range(len(epoch_rows[0]) + 20)]
+    assert first[-20:] != epoch_rows[0][:20]
