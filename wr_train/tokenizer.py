@@ -6,7 +6,12 @@ Chinese-specific choices:
   predictions and fill-mask sequences carry no stray spaces.
 - normalization `nmt_nfkc` (spm's default, as the seed used): full-width ASCII letters,
   digits and punctuation fold to half-width (`，` -> `,`, `１` -> `1`), which merges
-  pieces that differ only in width. The exported HF tokenizer applies the same charsmap.
+  pieces that differ only in width; spaces are stripped at the ends, runs of them become
+  one, and a space inside text is a `▁` piece of its own. No lowercasing, accents kept.
+  The exported HF tokenizer (`save_hf_tokenizer`) replays exactly this, so its ids equal
+  spm's on real text, spaces included.
+- a vocab the corpus cannot fill, or one smaller than its distinct characters, is a
+  one-line error suggesting a size that works.
 - spm's `max_sentence_length` counts bytes and silently drops longer lines, so training
   input is split into sentences first (`split_sentences`), and the drop count is reported.
 """
@@ -135,14 +140,7 @@ def train_spm(corpus: list[str], out_dir: str, vocab_size: int = 100_000, *,
         try:
             spm.SentencePieceTrainer.train(**kwargs)
         except RuntimeError as e:
-            msg = str(e)
-            m = re.search(r"value <= (\d+)", msg)
-            if m:
-                most = int(m.group(1))
-                raise TokenizerError(
-                    f"--vocab-size {vocab_size}: this corpus supports at most {most:,} pieces; "
-                    f"use --vocab-size {most // 1000 * 1000 or most} or a larger corpus") from None
-            raise TokenizerError(f"spm training failed: {msg.splitlines()[-1]}") from None
+            raise _training_error(str(e), vocab_size, corpus) from None
         shutil.copy(prefix + ".model", out / "spm.model")
         shutil.copy(prefix + ".vocab", out / "spm.vocab")
     sp = load_spm(str(out))
@@ -165,6 +163,27 @@ def train_spm(corpus: list[str], out_dir: str, vocab_size: int = 100_000, *,
     log(f"spm: wrote {out}/spm.model (vocab {meta['vocab_size']:,}, {skipped} sentences skipped "
         f"as > {MAX_SENTENCE_BYTES} bytes) in {report.seconds:.1f}s")
     return report
+
+
+def _training_error(msg: str, vocab_size: int, corpus: list[str]) -> TokenizerError:
+    """spm's multi-line CHECK failure -> one line saying what to change."""
+    m = re.search(r"value <= (\d+)", msg)
+    if m:  # "Vocabulary size too high (N). Please set it to a value <= M."
+        most = int(m.group(1))
+        suggest = most // 1000 * 1000 or most
+        return TokenizerError(
+            f"--vocab-size {vocab_size}: corpus {' '.join(corpus)} supports at most {most:,} "
+            f"pieces; use --vocab-size {suggest} (or a larger corpus / --sample)")
+    m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
+    if m:  # every character kept by character_coverage needs its own piece (+ the specials)
+        need = int(m.group(2))
+        suggest = (need // 1000 + 1) * 1000
+        return TokenizerError(
+            f"--vocab-size {vocab_size}: too small, corpus {' '.join(corpus)} needs {need:,} "
+            f"pieces for its characters and the {NUM_SPECIAL} specials alone; use "
+            f"--vocab-size {suggest} or more")
+    lines = [ln for ln in msg.splitlines() if ln.strip()]
+    return TokenizerError(f"spm training on {' '.join(corpus)} failed: {lines[-1] if lines else msg}")
 
 
 def file_sha256(path) -> str:
@@ -200,21 +219,70 @@ def load_spm(spm_dir: str):
 
 
 def save_hf_tokenizer(spm_model: str, out_dir: str):
-    """Write an AlbertTokenizer (ids equal the spm ids) + spiece.model into out_dir."""
-    from transformers import AlbertTokenizer
+    """Write a tokenizers-backed HF tokenizer whose ids equal the spm ids, + spiece.model,
+    into out_dir; returns it (loads back with AutoTokenizer.from_pretrained(out_dir)).
+
+    Built from the spm model itself, not through AlbertTokenizer (whose pipeline drops
+    every space and rewrites `` and '' to ", so text with spaces got other ids than
+    pretraining saw). The pipeline replays spm's: the model's precompiled nmt_nfkc
+    charsmap, strip, runs of spaces -> one, then Metaspace("▁", prepend never, split):
+    a space becomes a `▁` piece exactly where spm puts one. Unigram over the spm pieces
+    and scores. [PAD] [UNK] [CLS] [SEP] [MASK] [unused1..10] are special tokens (ids
+    0..14); encode(text) gives `[CLS] ids [SEP]`, a pair `[CLS] a [SEP] b [SEP]`.
+    Loading the dir with AlbertTokenizer instead still works (the config carries
+    do_lower_case=False, keep_accents=True, add_prefix_space=False) but gives ALBERT's
+    pipeline: equal ids only for text without spaces, `` or ''.
+    Known differences from spm (tests/test_tokenizer.py pins them):
+    - a special token written in the text is matched by HF for all fifteen; spm matches
+      only its user symbols ([MASK], [unusedN]) and spells "[CLS]" etc. out in pieces;
+    - whitespace right next to a special token in the text: spm emits a `▁` piece
+      ("中国 [MASK]" -> 中国 ▁ [MASK]), HF drops it (中国 [MASK]), since HF normalizes
+      the text on either side of a special token on its own.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(spm_model, out / "spiece.model")
-    tok = AlbertTokenizer.from_pretrained(
-        str(out), unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", bos_token="[CLS]", eos_token="[SEP]",
-        do_lower_case=False, keep_accents=True, add_prefix_space=False)
-    tok.save_pretrained(str(out))
+    proto = spm_pb2.ModelProto()
+    proto.ParseFromString(Path(spm_model).read_bytes())
+    vocab = [(p.piece, p.score) for p in proto.pieces]
+    if [p for p, _ in vocab[:NUM_SPECIAL]] != SPECIAL_PIECES:
+        raise TokenizerError(f"{spm_model}: the first {NUM_SPECIAL} pieces are not "
+                             f"{' '.join(SPECIAL_PIECES[:5])} [unused1..10]")
+    norm = proto.normalizer_spec
+    tok = Tokenizer(models.Unigram(vocab, unk_id=UNK, byte_fallback=False))
+    steps = []
+    if norm.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
+    if norm.remove_extra_whitespaces:
+        steps += [normalizers.Strip(left=True, right=True),
+                  normalizers.Replace(Regex(" {2,}"), " ")]
+    tok.normalizer = normalizers.Sequence(steps)
+    scheme = "always" if norm.add_dummy_prefix else "never"
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=scheme, split=True)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)])
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", bos_token="[CLS]", eos_token="[SEP]",
+        additional_special_tokens=SPECIAL_PIECES[MASK + 1:],
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"])  # BERT: segments
+    hf.save_pretrained(str(out))
+    # The generic class name loads with AutoTokenizer in transformers 4.x and 5.x alike.
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # For code that still loads the dir with AlbertTokenizer (its pipeline drops spaces):
+    # without these it would lowercase, strip accents and put a "▁" in front.
+    config.update(do_lower_case=False, keep_accents=True, add_prefix_space=False)
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
     # save_pretrained writes tokenizer.json + config but not the spm file: keep ours.
-    if not (out / "spiece.model").exists():
-        shutil.copy(spm_model, out / "spiece.model")
-    return tok
+    shutil.copy(spm_model, out / "spiece.model")
+    return hf
 
 
 def sample_lines(paths: list[str], k: int, seed: int = 0) -> list[str]:

@@ -1,0 +1,536 @@
+"""The cluster path for real, on one machine, the way docs/cluster.md tells users to work.
+
+A head started with `ray start --head` and a second node joined with `ray start --address`
+(each with its own temp dir and ports, token auth on), an S3 server that holds the shards and
+every run, and jobs sent with `ray job submit --runtime-env cluster/runtime_env.yaml`:
+
+- tiny pretraining whose two workers sit on different nodes (each node has room for one),
+  then `wr-train pull` + `export` + `fill-mask` on what the job stored in S3;
+- a job with a bad config ends FAILED with the one-line reason in its logs;
+- a reduced CLUE sweep (export on the head, then ray_jobs/tune_clue.py) on the cluster;
+- recognisable fake S3 keys (given to the nodes as an instance profile would) appear in
+  nothing the jobs wrote: run dirs, checkpoints, metrics, sweeps, model card, logs;
+- SIGKILL of one training worker process, and the loss of the second node (all its processes
+  SIGKILLed, then a replacement joins as an autoscaler would add one): the job resumes from the
+  last complete checkpoint and ends with the configured step count and the uninterrupted run's
+  losses.
+
+Ray turns a node IP of 127.0.0.1 into the machine's outside address, so the nodes use
+127.0.0.2: loopback as well, and kept as given. Every process started here is stopped by PID
+(the `ray start --block` process and its descendants, SIGTERM then SIGKILL), also when a test
+fails; `ray stop` is never used (it would stop every Ray on the machine).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+
+from tests.s3server import S3Server, _die_with_parent, _PRCTL
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+WR_TRAIN = str(BIN / "wr-train")
+NODE_IP = "127.0.0.2"
+# Recognisable fake keys: the S3 server below accepts exactly these.
+CANARY_KEY = "AKIAWRCANARY7Q3XZ9LK"
+CANARY_SECRET = "wrCanarySecret+9f3kQ0xLeakCheck7Hb2Zp1Vd4T"
+BUCKET = "wrc-runs"
+SHARDS = f"s3://{BUCKET}/shards128"
+RUNS = f"s3://{BUCKET}/runs"
+STEPS = 30
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+PORT_RANGE = (23000, 29999)  # below weed's P+10000 ports (30000+) and the ephemeral range
+
+
+def pretrain(name: str, *overrides: str) -> list[str]:
+    """The tiny pretraining job's entrypoint. Each node offers 1 CPU and each worker needs 1,
+    so Ray must place the two workers on the two nodes (and each worker trains with one
+    torch thread, where resume is exact to the bit). The key=value overrides stay together at
+    the end: argparse takes positionals in one run."""
+    return ["python", "ray_jobs/pretrain.py", "--config", "demo-tiny", "--shards", SHARDS,
+            "--steps", str(STEPS), "--workers", "2", "--storage", RUNS, "--name", name,
+            "cpus_per_worker=1", "checkpoint_every=10", "report_every=5",
+            "stages.0.global_batch=16", "stages.0.micro_batch=8", "stages.0.lr=1e-3", *overrides]
+
+
+def free_ports(count: int) -> list[int]:
+    import random
+    import socket
+    chosen: list[int] = []
+    while len(chosen) < count:
+        port = random.randint(*PORT_RANGE)
+        if port in chosen:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        chosen.append(port)
+    return chosen
+
+
+# ------------------------------------------------------------------ processes we own
+
+class RayNode:
+    """One `ray start --block` process in its own session; it and its descendants are ours."""
+
+    def __init__(self, name: str, args: list[str], env: dict, log: Path):
+        self.name, self.log = name, log
+        self._log_file = open(log, "wb")
+        self.proc = subprocess.Popen(
+            [RAY, "start", "--block", "--disable-usage-stats", *args], env=env, cwd=REPO,
+            stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_die_with_parent if _PRCTL is not None else None)
+        self.node_id: str | None = None
+
+    def wait_started(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "block forever" in self.log.read_text(errors="replace"):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        raise RuntimeError(f"ray node {self.name} did not start (rc {self.proc.poll()}):\n"
+                           + self.log.read_text(errors="replace")[-3000:])
+
+    def processes(self) -> list[psutil.Process]:
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill(self) -> None:
+        """The node dies at once: SIGKILL to every process of it (a lost machine)."""
+        procs = self.processes()
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+        self.proc.wait(timeout=10)
+
+    def stop(self, grace: float = 20) -> None:
+        """SIGTERM the `ray start` process (it stops its processes), then SIGKILL leftovers."""
+        procs = self.processes()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=2)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self._log_file.close()
+
+
+class LocalCluster:
+    """Head + worker nodes on this machine; jobs through the dashboard's job API."""
+
+    def __init__(self, s3: S3Server):
+        # Short: Ray's AF_UNIX socket paths live under it (limit ~107 characters).
+        self.tmp = Path(tempfile.mkdtemp(prefix="wrc-", dir="/tmp"))
+        self.token = secrets.token_hex(32)
+        token_file = self.tmp / "token"
+        token_file.write_text(self.token)
+        token_file.chmod(0o600)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("RAY_", "AWS_", "PYTEST_"))}
+        env.update({
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` in a job = this venv
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # teardown without a drain wait
+            # What an instance profile gives a node on AWS: credentials in its environment
+            # chain, nothing in the repo or in the job's flags.
+            "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+            "AWS_ENDPOINT_URL": s3.endpoint, "AWS_DEFAULT_REGION": s3.region,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        })
+        self.env = env
+        self.nodes: dict[str, RayNode] = {}
+        self.gcs = self.dashboard = ""
+        self.submitted: list[str] = []
+
+    # -- nodes ---------------------------------------------------------------------
+    def start_head(self, num_cpus: int = 1) -> None:
+        gcs, dash, client, agent = free_ports(4)
+        self.gcs = f"{NODE_IP}:{gcs}"
+        self.dashboard = f"http://127.0.0.1:{dash}"
+        self._start("head", ["--head", f"--node-ip-address={NODE_IP}", f"--port={gcs}",
+                             f"--num-cpus={num_cpus}", "--include-dashboard=true",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             f"--ray-client-server-port={client}",
+                             f"--dashboard-agent-listen-port={agent}"])
+        self.nodes["head"].node_id = next(n["node_id"] for n in self.list_nodes() if n["is_head_node"])
+
+    def add_node(self, name: str, num_cpus: int = 1) -> RayNode:
+        (agent,) = free_ports(1)
+        before = {n["node_id"] for n in self.list_nodes()}
+        node = self._start(name, [f"--address={self.gcs}", f"--node-ip-address={NODE_IP}",
+                                  f"--num-cpus={num_cpus}", f"--dashboard-agent-listen-port={agent}"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            new = [n for n in self.list_nodes() if n["node_id"] not in before and n["state"] == "ALIVE"]
+            if new:
+                node.node_id = new[0]["node_id"]
+                return node
+            time.sleep(1)
+        raise RuntimeError(f"node {name} started but never showed up in `ray list nodes`")
+
+    def _start(self, name: str, args: list[str]) -> RayNode:
+        node = RayNode(name, [*args, f"--temp-dir={self.tmp / name}"], self.env, self.tmp / f"{name}.log")
+        self.nodes[name] = node
+        node.wait_started()
+        return node
+
+    def stop(self) -> None:
+        for name in reversed(list(self.nodes)):
+            self.nodes[name].stop()
+        # Anything that outlived its node (reparented away) still carries our token path.
+        mine = []
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get("RAY_AUTH_TOKEN_PATH") == str(self.tmp / "token"):
+                    mine.append(p)
+            except (psutil.Error, OSError):
+                pass
+        for p in mine:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(mine, timeout=5)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- CLI and job API -----------------------------------------------------------
+    def cli(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(list(args), cwd=REPO, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(args[:4])}… exited {proc.returncode}:\n"
+                                 f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    def list_nodes(self) -> list[dict]:
+        out = self.cli(RAY, "list", "nodes", "--address", self.dashboard, "--format", "json",
+                       "--limit", "100").stdout
+        return json.loads(out)
+
+    def train_workers(self, job_id: str) -> list[dict]:
+        out = self.cli(RAY, "list", "actors", "--address", self.dashboard, "--format", "json",
+                       "--detail", "--limit", "1000", "--filter", "class_name=RayTrainWorker",
+                       "--filter", f"job_id={job_id}").stdout
+        return json.loads(out)
+
+    def submit(self, name: str, *entrypoint: str) -> str:
+        sid = f"{name}-{secrets.token_hex(3)}"
+        self.cli(RAY, "job", "submit", "--address", self.dashboard, "--submission-id", sid,
+                 "--runtime-env", "cluster/runtime_env.yaml", "--no-wait", "--", *entrypoint)
+        self.submitted.append(sid)
+        return sid
+
+    def _get(self, path: str):
+        req = urllib.request.Request(self.dashboard + path,
+                                     headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    def job(self, sid: str) -> dict:
+        return self._get(f"/api/jobs/{sid}")
+
+    def logs(self, sid: str) -> str:
+        return self._get(f"/api/jobs/{sid}/logs")["logs"]
+
+    def wait(self, sid: str, timeout: float, until=TERMINAL) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(sid)
+            if job["status"] in until:
+                return job
+            time.sleep(2)
+        raise AssertionError(f"job {sid} still {job['status']} after {timeout:.0f}s; log tail:\n"
+                             + self.logs(sid)[-4000:])
+
+    def wait_for_job_id(self, sid: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(sid)
+            if job.get("job_id"):
+                return job["job_id"]
+            assert job["status"] not in TERMINAL, self.logs(sid)[-3000:]
+            time.sleep(1)
+        raise AssertionError(f"job {sid}: no driver after {timeout:.0f}s")
+
+
+# ------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def canary_s3():
+    """An S3 server of its own whose only identity is the recognisable fake key pair."""
+    server = S3Server()
+    server.access_key, server.secret_key = CANARY_KEY, CANARY_SECRET
+    server.start()
+    try:
+        server.bucket(BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_shards(canary_s3, shards128) -> str:
+    from wr_train import storage
+    with canary_s3.environ():
+        storage.copy_tree(str(shards128), SHARDS, progress=False)
+    return SHARDS
+
+
+@pytest.fixture(scope="module")
+def cluster(canary_s3):
+    c = LocalCluster(canary_s3)
+    try:
+        t0 = time.monotonic()
+        c.start_head()
+        print(f"TIMING head {time.monotonic() - t0:.1f}s", flush=True)
+        c.add_node("node2")
+        print(f"TIMING +node2 {time.monotonic() - t0:.1f}s", flush=True)
+        yield c
+    finally:
+        c.stop()
+
+
+def job_tail(cluster: LocalCluster, sid: str) -> str:
+    return cluster.logs(sid)[-5000:]
+
+
+def last_path(logs: str) -> str:
+    paths = [line.strip() for line in logs.splitlines() if line.strip().startswith("s3://")]
+    assert paths, logs[-3000:]
+    return paths[-1]
+
+
+def s3_objects(s3: S3Server, prefix: str = "") -> dict[str, bytes]:
+    client = s3.client()
+    out: dict[str, bytes] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            out[obj["Key"]] = client.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read()
+    return out
+
+
+def metrics(s3: S3Server, run: str) -> dict[int, dict]:
+    text = s3_objects(s3, f"runs/{run}/metrics.jsonl")[f"runs/{run}/metrics.jsonl"].decode()
+    return {m["step"]: m for m in map(json.loads, text.splitlines())}
+
+
+def latest_state(s3: S3Server, run: str):
+    from wr_train.checkpoint import latest_complete
+    with s3.environ():
+        return latest_complete(f"{RUNS}/{run}", log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def e2e(cluster, s3_shards):
+    """The tiny pretraining job, submitted once; later tests reuse what it stored."""
+    t0 = time.monotonic()
+    sid = cluster.submit("e2e", *pretrain("e2e"))
+    job_id = cluster.wait_for_job_id(sid)
+    job = cluster.wait(sid, 400)
+    logs = cluster.logs(sid)
+    assert job["status"] == "SUCCEEDED", logs[-5000:]
+    print(f"TIMING e2e job {time.monotonic() - t0:.1f}s", flush=True)
+    return SimpleNamespace(sid=sid, job_id=job_id, logs=logs, last=last_path(logs),
+                           seconds=time.monotonic() - t0)
+
+
+# ------------------------------------------------------------------ tests
+
+def test_pretrain_job_on_two_nodes_then_pull_export_fill_mask(cluster, canary_s3, e2e, tmp_path_factory):
+    # the job printed the last checkpoint's S3 path last; it is complete with every step
+    assert e2e.last.startswith(f"{RUNS}/e2e/checkpoint_"), e2e.logs[-2000:]
+    _, state = latest_state(canary_s3, "e2e")
+    assert state["step"] == STEPS and state["world_size"] == 2
+    assert sorted(metrics(canary_s3, "e2e")) == list(range(5, STEPS + 1, 5))
+
+    # the two training workers ran on the two different nodes
+    workers = cluster.train_workers(e2e.job_id)
+    assert len(workers) == 2, workers
+    nodes = {w["node_id"] for w in workers}
+    assert nodes == {cluster.nodes["head"].node_id, cluster.nodes["node2"].node_id}
+
+    # a user's machine: pull what the job stored, export it, fill a mask
+    out = tmp_path_factory.mktemp("e2e-local")
+    cluster.cli(WR_TRAIN, "pull", e2e.last, str(out / "ckpt"), timeout=300)
+    assert json.loads((out / "ckpt" / "state.json").read_text())["step"] == STEPS
+    cluster.cli(WR_TRAIN, "export", str(out / "ckpt"), "--out", str(out / "hf"), timeout=300)
+    assert {"config.json", "model.safetensors", "spiece.model", "README.md"} <= {
+        p.name for p in (out / "hf").iterdir()}
+    table = cluster.cli(WR_TRAIN, "fill-mask", str(out / "hf"), "今天北京的[MASK]很好", "--top-k", "3",
+                        timeout=300).stdout
+    rows = [line for line in table.splitlines() if re.match(r"\s+\d\s+0\.\d{4}", line)]
+    assert len(rows) == 3, table
+
+
+def test_bad_config_job_fails_with_one_line_reason(cluster, s3_shards):
+    sid = cluster.submit("bad", "python", "ray_jobs/pretrain.py", "--shards", SHARDS, "--storage", RUNS,
+                         "--name", "bad", "--steps", "5", "zero_stage=7")
+    job = cluster.wait(sid, 180)
+    assert job["status"] == "FAILED", job
+    reason = "wr-train pretrain: error: zero_stage: expected 0-3, got 7"
+    # the reason is the last line of the job's logs, as `ray job logs` shows them
+    logs = cluster.cli(RAY, "job", "logs", "--address", cluster.dashboard, sid).stdout
+    assert logs.strip().splitlines()[-1] == reason, logs[-3000:]
+    assert "Traceback" not in logs
+    assert "exit code 2" in (job.get("message") or ""), job
+
+
+def test_clue_sweep_job(cluster, canary_s3, e2e, demo_dir):
+    """Export on the head, then the reduced grid: 1 task × 2 learning rates, results to S3."""
+    # `ray job submit` shell-quotes every entrypoint word, so a chain goes through bash -c
+    sid = cluster.submit(
+        "sweep", "bash", "-c",
+        f"wr-train export {e2e.last} --out hf && python ray_jobs/tune_clue.py --model hf "
+        f"--tasks chnsenticorp --data {demo_dir / 'tasks'} --storage s3://{BUCKET}/sweeps "
+        "--name wrc-sweep --epochs 1 --batch-sizes 16 --lrs 1e-4,3e-4 "
+        "--max-train-examples 200 --max-eval-examples 100")
+    job = cluster.wait(sid, 400)
+    logs = cluster.logs(sid)
+    assert job["status"] == "SUCCEEDED", logs[-5000:]
+    assert last_path(logs) == f"s3://{BUCKET}/sweeps/wrc-sweep"
+    files = s3_objects(canary_s3, "sweeps/wrc-sweep/")
+    scores = json.loads(files["sweeps/wrc-sweep/scores.json"])
+    assert "sweeps/wrc-sweep/scores.md" in files
+    text = json.dumps(scores)
+    assert "chnsenticorp" in text and "0.0001" in text and "0.0003" in text
+    trials = [k for k in files if k.startswith("sweeps/wrc-sweep/trials/") and k.endswith(".json")]
+    assert len(trials) == 2, sorted(files)
+
+
+def test_credentials_appear_in_nothing_the_jobs_wrote(cluster, canary_s3, e2e, tmp_path):
+    """Every object in the bucket except our own upload (runs, checkpoints, metrics, sweep
+    results), a pulled copy and its export (model card), every job's logs, and the Ray
+    log files of both nodes' workers and job drivers."""
+    blobs = {f"s3://{BUCKET}/{k}": v for k, v in s3_objects(canary_s3).items()
+             if not k.startswith("shards128/")}
+    assert any(k.endswith("/state.json") for k in blobs) and any(k.endswith("metrics.jsonl") for k in blobs)
+    assert any(k.endswith("scores.md") for k in blobs), sorted(blobs)[:20]
+    cluster.cli(WR_TRAIN, "export", e2e.last, "--out", str(tmp_path / "hf"), timeout=300)
+    for p in (tmp_path / "hf").rglob("*"):
+        if p.is_file():
+            blobs[str(p)] = p.read_bytes()
+    assert str(tmp_path / "hf" / "README.md") in blobs
+    for sid in cluster.submitted:
+        blobs[f"job {sid} logs"] = cluster.logs(sid).encode()
+    logs = [p for p in cluster.tmp.glob("*/session_*/logs/*")
+            if p.is_file() and re.match(r"(worker-|job-driver-|python-core-worker-)", p.name)]
+    assert logs
+    for p in logs:
+        blobs[str(p)] = p.read_bytes()
+    for needle in (CANARY_KEY, CANARY_SECRET):
+        leaked = [name for name, data in blobs.items() if needle.encode() in data]
+        assert not leaked, f"{needle[:8]}… found in {leaked}"
+    assert len(blobs) > 30
+
+
+def _wait_for_checkpoint(cluster, s3, sid, run, min_step=10, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, state = latest_state(s3, run)
+        if state and state["step"] >= min_step:
+            return state
+        job = cluster.job(sid)
+        assert job["status"] not in TERMINAL, cluster.logs(sid)[-4000:]
+        time.sleep(1)
+    raise AssertionError(f"{run}: no checkpoint at step {min_step} after {timeout}s")
+
+
+def _assert_resumed_exactly(cluster, s3, e2e, sid, run):
+    logs = cluster.logs(sid)
+    assert "resuming from" in logs, logs[-4000:]
+    resumed = int(re.findall(r"resuming from \S+ \(stage \d+, step (\d+)\)", logs)[-1])
+    assert 10 <= resumed < STEPS
+    _, state = latest_state(s3, run)
+    assert state["step"] == STEPS and state["world_size"] == 2
+    assert last_path(logs).startswith(f"{RUNS}/{run}/checkpoint_")
+    got, want = metrics(s3, run), metrics(s3, "e2e")
+    assert sorted(got) == sorted(want)
+    losses = {s: (got[s]["loss"], want[s]["loss"]) for s in sorted(got)}
+    for step, (a, b) in losses.items():  # before the failure: the same run; after: exact resume
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-4), (step, losses)
+    return resumed
+
+
+def test_sigkill_of_a_training_worker_recovers(cluster, canary_s3, e2e):
+    sid = cluster.submit("wkill", *pretrain("wkill", "max_failures=1"))
+    job_id = cluster.wait_for_job_id(sid)
+    t0 = time.monotonic()
+    _wait_for_checkpoint(cluster, canary_s3, sid, "wkill")
+    print(f"TIMING wkill ckpt {time.monotonic() - t0:.1f}s", flush=True)
+    alive = [w for w in cluster.train_workers(job_id) if w["state"] == "ALIVE"]
+    victim = next(w for w in alive if w["node_id"] == cluster.nodes["node2"].node_id)
+    proc = psutil.Process(victim["pid"])
+    assert "RayTrainWorker" in " ".join(proc.cmdline()) or "RayTrainWorker" in proc.name()
+    os.kill(victim["pid"], signal.SIGKILL)
+    job = cluster.wait(sid, 400)
+    print(f"TIMING wkill done {time.monotonic() - t0:.1f}s", flush=True)
+    assert job["status"] == "SUCCEEDED", job_tail(cluster, sid)
+    _assert_resumed_exactly(cluster, canary_s3, e2e, sid, "wkill")
+    assert len(cluster.train_workers(job_id)) == 4  # a second worker group was started
+
+
+def test_loss_of_a_node_recovers_on_a_replacement(cluster, canary_s3, e2e):
+    """The second node dies (every process SIGKILLed). The head alone has one worker's
+    worth of CPU, so the restarted worker group waits until a replacement node joins, as the
+    autoscaler would add one; then it resumes from the last complete checkpoint."""
+    sid = cluster.submit("nodeloss", *pretrain("nodeloss", "max_failures=1"))
+    job_id = cluster.wait_for_job_id(sid)
+    t0 = time.monotonic()
+    _wait_for_checkpoint(cluster, canary_s3, sid, "nodeloss")
+    print(f"TIMING nodeloss ckpt {time.monotonic() - t0:.1f}s", flush=True)
+    lost = cluster.nodes["node2"]
+    assert any(w["node_id"] == lost.node_id for w in cluster.train_workers(job_id) if w["state"] == "ALIVE")
+    lost.kill()
+    deadline = time.monotonic() + 120
+    while not any(n["node_id"] == lost.node_id and n["state"] == "DEAD" for n in cluster.list_nodes()):
+        assert time.monotonic() < deadline, "the killed node never showed as DEAD"
+        time.sleep(1)
+    print(f"TIMING nodeloss dead {time.monotonic() - t0:.1f}s", flush=True)
+    replacement = cluster.add_node("node3")
+    print(f"TIMING nodeloss node3 {time.monotonic() - t0:.1f}s", flush=True)
+    job = cluster.wait(sid, 400)
+    print(f"TIMING nodeloss done {time.monotonic() - t0:.1f}s", flush=True)
+    assert job["status"] == "SUCCEEDED", job_tail(cluster, sid)
+    _assert_resumed_exactly(cluster, canary_s3, e2e, sid, "nodeloss")
+    placed = {w["node_id"] for w in cluster.train_workers(job_id)}
+    assert placed == {cluster.nodes["head"].node_id, lost.node_id, replacement.node_id}
