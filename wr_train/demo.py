@@ -53,7 +53,7 @@ def run_demo(out: str = "demo_out", steps: int | None = None) -> dict:
     else:
         print(f"reusing {spm_dir}")
 
-    ray.init(include_dashboard=False, log_to_driver=True, num_cpus=max(4, os.cpu_count() or 1),
+    ray.init(address="local", include_dashboard=False, log_to_driver=True, num_cpus=max(4, os.cpu_count() or 1),
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
 
     _banner("3/6 pack into seq-128 Parquet shards on Ray Data")

@@ -234,6 +234,10 @@ def import_uer(uer_bin: str, spm_dir: str, size: str, out_dir: str, log=print) -
     sp = load_spm(spm_dir)
     cfg = ModelConfig(size=size).resolved()
     mlm = build_mlm(cfg, sp.get_piece_size())
+    emb = _pick(sd, ("embedding.word_embedding.weight", "embedding.word.embedding.weight"), uer_bin)
+    if tuple(emb.shape) != (sp.get_piece_size(), cfg.hidden):
+        raise ExportError(f"{uer_bin}: word embedding has shape {tuple(emb.shape)}, the {size} model with "
+                          f"vocab {sp.get_piece_size()} expects {(sp.get_piece_size(), cfg.hidden)}")
     mapped = uer_to_hf(sd, cfg.layers, uer_bin)
     expected = mlm.state_dict()
     for key, tensor in mapped.items():
