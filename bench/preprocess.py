@@ -172,7 +172,19 @@ class TreeSampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
-def run_child(kind: str, corpus_dir: Path, spm: Path, args, work: Path) -> dict:
+def run_child(kind: str, corpus_dir: Path, spm: Path, args, work: Path, retries: int = 1) -> dict:
+    """One run in a fresh child process; a failed one (e.g. Ray's start-up timing out on a
+    busy box) is retried `retries` times."""
+    try:
+        return _run_child(kind, corpus_dir, spm, args, work)
+    except RuntimeError as e:
+        if retries <= 0:
+            raise SystemExit(str(e))
+        print(f"{kind}: retrying after: {str(e).strip().splitlines()[-1]}", flush=True)
+        return run_child(kind, corpus_dir, spm, args, work, retries - 1)
+
+
+def _run_child(kind: str, corpus_dir: Path, spm: Path, args, work: Path) -> dict:
     out = work / f"out-{kind}-{time.time_ns()}"
     cmd = [sys.executable, __file__, "--child", kind, "--corpus", str(corpus_dir), "--spm",
            str(spm), "--out", str(out), "--seq-length", str(args.seq_length), "--packing",
@@ -187,7 +199,7 @@ def run_child(kind: str, corpus_dir: Path, spm: Path, args, work: Path) -> dict:
     sampler.join()
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
-        raise SystemExit(f"bench child {kind} failed:\n{stderr[-3000:]}")
+        raise RuntimeError(f"bench child {kind} failed:\n{stderr[-3000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
     result.update(peak_pss_mb=sampler.peak_pss / 2**20, peak_rss_mb=sampler.peak_rss / 2**20,
                   samples=sampler.samples, load=(load0 + os.getloadavg()[0]) / 2)

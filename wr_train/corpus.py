@@ -5,8 +5,8 @@ all inside Ray Data function tasks, one chunk per task; the driver streams the p
 rows back *in chunk order* and writes fixed-size Parquet shards, so `row_id` is dense
 (0..rows-1), global and the same on every run. `manifest.json` is written last: a shard
 directory without it is incomplete and every later stage refuses it; a failed or interrupted run
-deletes what it wrote. The tasks are plain function tasks (no actor pool), two in flight
-per CPU, so on 2 CPUs nothing can starve the read (the deadlock in NOTES.md). Memory does not grow
+deletes what it wrote. The tasks are plain function tasks of one CPU each (no actor pool),
+so on 2 CPUs nothing can starve the read (the deadlock in NOTES.md). Memory does not grow
 with the corpus: a task holds one chunk, the driver one chunk's rows plus less than a
 Parquet row group (ShardWriter), Ray Data keeps a bounded number of chunks in flight.
 The driver forwards its AWS_* variables to the tasks, so a Ray started before they were
@@ -54,9 +54,10 @@ MAX_DOC_CHARS = 20_000         # longer lines are encoded in pieces (see module 
 ROWS_PER_SHARD = 64 * 1024
 BLOCK_ROWS = 1024              # Parquet row group = the unit the training stream shuffles
 HEAD_BYTES = 65536             # what check_text_file looks at
-TASKS_PER_CPU = 2              # tasks in flight per CPU: hides Ray Data's dispatch gap
-                               # between a task's end and the next start (~0.1-0.2 s on a
-                               # busy 2-core box, 20-30% idle at 1) and S3 read latency
+TASKS_PER_CPU = 1              # tasks in flight per CPU. 2 hides Ray Data's gap between a
+                               # task's end and the next start (0.06-0.25 s on the shared
+                               # 2-core box: ~1.45 of 2 CPUs busy) but cost +25% memory
+                               # and, under load, more CPU per token (bench/RESULTS.md)
 STAT_KEYS = ("lines", "documents", "undecodable_lines", "empty_lines", "split_long_lines",
              "text_tokens", "non_pad_tokens")
 _SENTENCE_ENDS = "。！？!?；;…"
