@@ -246,7 +246,10 @@ class LocalCluster:
         """`ray list …` through the state API; it prints a sentence, not [], when empty."""
         out = self.cli(RAY, "list", *args, "--address", self.dashboard, "--format", "json",
                        "--limit", "1000").stdout.strip()
-        return json.loads(out) if out.startswith("[") else []
+        try:  # callers poll: a half-written or warning-prefixed answer counts as "nothing yet"
+            return json.loads(out) if out.startswith("[") else []
+        except json.JSONDecodeError:
+            return []
 
     def list_nodes(self) -> list[dict]:
         return self.ray_list("nodes")
