@@ -169,6 +169,8 @@ class LocalCluster:
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # teardown without a drain wait
+            # the GCS notices a lost node in ~5 s instead of ~15 s (test speed only)
+            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5",
             # What an instance profile gives a node on AWS: credentials in its environment
             # chain, nothing in the repo or in the job's flags.
             "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
