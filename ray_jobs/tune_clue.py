@@ -59,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = parser().parse_args(argv)
+    from wr_train.cli import parse_with_overrides
+    args = parse_with_overrides(parser(), argv)
     try:
         from wr_train.tune import parse_list, run_sweep
         report = run_sweep(

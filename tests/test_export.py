@@ -210,3 +210,18 @@ def test_import_uer_of_another_size_is_refused(tiny_spm, tmp_path):
     path.write_bytes(b"not a torch file")
     with pytest.raises(ExportError, match="not a PyTorch state dict"):
         import_uer(str(path), str(tiny_spm), "tiny", str(tmp_path / "hf2"))
+
+
+def test_score_table_goes_into_the_card(exported, tmp_path):
+    import shutil
+
+    from wr_train.export import add_scores_to_card
+    model = tmp_path / "m"
+    shutil.copytree(exported, model)
+    before = (model / "README.md").read_text()
+    assert add_scores_to_card(str(model), "| Model | Score |\n|---|---|\n| x | 50.0 |\n")
+    assert add_scores_to_card(str(model), "| Model | Score |\n|---|---|\n| x | 61.5 |\n")  # a later sweep
+    card = (model / "README.md").read_text()
+    assert card.startswith(before.rstrip("\n")) and card.count("## Fine-tuning") == 1
+    assert "61.5" in card and "50.0" not in card
+    assert not add_scores_to_card(str(tmp_path / "nowhere"), "x")

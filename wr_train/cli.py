@@ -127,9 +127,21 @@ def pretrain_main(args) -> int:
     return 0
 
 
+def parse_with_overrides(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """parse_args, but key=value overrides may stand anywhere among the flags
+    (argparse alone takes only one contiguous run of positionals)."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = _parser().parse_args(argv)
+    args = parse_with_overrides(_parser(), argv)
     try:
         return _dispatch(args)
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ import torch
 from wr_train import storage
 from wr_train.checkpoint import CheckpointError, verify_complete
 from wr_train.config import ModelConfig, from_dict
+from wr_train.pretrain import fp32_weights, read_history
 from wr_train.tokenizer import load_spm, save_hf_tokenizer
 
 
@@ -39,13 +40,10 @@ def save_hf_model(mlm, spm_model: str, out_dir: str, card: str | None = None) ->
 
 def load_checkpoint_weights(ckpt_local: str, state: dict):
     """BertForMaskedLM with the checkpoint's full fp32 weights (any ZeRO stage)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from wr_train.model import build_mlm
     cfg = from_dict(state["config"])
     mlm = build_mlm(cfg.model, state["vocab_size"])
-    sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_local, tag=state["ds_tag"])
-    sd = {k[len("mlm."):]: v for k, v in sd.items() if k.startswith("mlm.")}
+    sd = fp32_weights(ckpt_local, tag=state["ds_tag"])
     missing, unexpected = mlm.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("decoder.weight")]  # tied to the embeddings
     if missing or unexpected:
@@ -68,7 +66,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, log=print) -> Path:
             local = os.path.join(tmp, "ckpt")
             storage.copy_tree(checkpoint, local, log=log)
         mlm, cfg = load_checkpoint_weights(local, state)
-        history = _history(local)
+        history = read_history(local)
         manifests = json.loads(Path(local, "manifests.json").read_text())
         out = Path(out_dir)
         save_hf_model(mlm, os.path.join(local, "spm.model"), str(out))
@@ -79,11 +77,6 @@ def export_checkpoint(checkpoint: str, out_dir: str, log=print) -> Path:
             indent=1))
     log(f"export: {checkpoint} (step {state['step']}) -> {out}")
     return out
-
-
-def _history(ckpt_local: str) -> list[dict]:
-    path = Path(ckpt_local, "metrics.jsonl")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def _loss_plot(history: list[dict], path: Path) -> str | None:
@@ -103,8 +96,7 @@ def _loss_plot(history: list[dict], path: Path) -> str | None:
     return path.name
 
 
-def model_card(cfg, state: dict, manifests: dict, history: list[dict], plot: str | None,
-               scores_md: str | None = None) -> str:
+def model_card(cfg, state: dict, manifests: dict, history: list[dict], plot: str | None) -> str:
     m = cfg.model.resolved()
     lines = [
         "---", "language: zh", "tags: [roberta, word-based, wr-train]", "---", "",
@@ -115,10 +107,13 @@ def model_card(cfg, state: dict, manifests: dict, history: list[dict], plot: str
         "from transformers import pipeline, AlbertTokenizer, BertModel",
         "unmasker = pipeline('fill-mask', model='THIS_DIR')",
         "unmasker('[MASK]的首都是北京。')",
-        "tokenizer = AlbertTokenizer.from_pretrained('THIS_DIR')",
+        "tokenizer = AlbertTokenizer.from_pretrained('THIS_DIR')  # as the UER model cards do",
         "model = BertModel.from_pretrained('THIS_DIR')",
         "output = model(**tokenizer('用你喜欢的任何文本替换我。', return_tensors='pt'))",
         "```", "",
+        "`AutoTokenizer.from_pretrained('THIS_DIR')` gives ids equal to the sentencepiece ids the "
+        "model was trained on for any text; `AlbertTokenizer` (transformers' own pipeline) agrees "
+        "on text without spaces and drops the spaces otherwise.", "",
         "## Training", "",
         f"| | |", "|---|---|",
         f"| layers / hidden / heads / FFN | {m.layers} / {m.hidden} / {m.heads} / {m.ffn} |",
@@ -137,9 +132,21 @@ def model_card(cfg, state: dict, manifests: dict, history: list[dict], plot: str
                      f"{man['documents']:,} | {man['pad_fraction']:.2%} |")
     if plot:
         lines += ["", "## Loss", "", f"![MLM loss]({plot})"]
-    if scores_md:
-        lines += ["", "## Fine-tuning", "", scores_md]
     return "\n".join(lines) + "\n"
+
+
+CARD_SCORES = "\n## Fine-tuning\n"
+
+
+def add_scores_to_card(model_dir: str, scores_md: str) -> bool:
+    """Put (or replace) the fine-tuning score table as the model card's last section."""
+    card = Path(model_dir, "README.md")
+    if not card.is_file():
+        return False
+    text = card.read_text(encoding="utf-8")
+    text = text.split(CARD_SCORES)[0].rstrip("\n") + "\n" + CARD_SCORES + "\n" + scores_md.rstrip("\n") + "\n"
+    card.write_text(text, encoding="utf-8")
+    return True
 
 
 def fill_mask_table(model_dir: str, text: str, top_k: int = 5) -> str:

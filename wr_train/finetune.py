@@ -220,6 +220,8 @@ def finetune(model_dir: str, task: Task, cfg: FinetuneConfig,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device, amp_dtype = pick_device(cfg)
+    from wr_train.model import keep_freed_memory
+    keep_freed_memory()  # big per-step CPU tensors reuse memory instead of fresh pages
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()

@@ -61,16 +61,23 @@ def build_ds_config(cfg: PretrainConfig, stage: StageConfig, world: int) -> dict
     ds["zero_optimization"] = {**ds.get("zero_optimization", {})}
     if not cfg.ds_config:
         ds["zero_optimization"]["stage"] = cfg.zero_stage
+    zero = ds["zero_optimization"]
+    offload = any(zero.get(k, {}).get("device") in ("cpu", "nvme")
+                  for k in ("offload_optimizer", "offload_param"))
+    if world == 1 and not offload:
+        # One worker: ZeRO has nothing to partition, and its flat-buffer copies cost ~20%
+        # of a CPU step (measured, bench/pretrain_throughput.py). Same math at stage 0.
+        zero["stage"] = 0
     ds["train_micro_batch_size_per_gpu"] = stage.micro_batch
     ds["gradient_accumulation_steps"] = accum
     ds["train_batch_size"] = stage.micro_batch * accum * world
     ds["gradient_clipping"] = cfg.optim.clip
-    offload = ds["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu"
     ds["optimizer"] = {"type": "AdamW", "params": {
         "lr": stage.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
         "weight_decay": cfg.optim.weight_decay,
         # torch's AdamW (fused on CUDA) needs no JIT build; CPU offload needs DeepSpeedCPUAdam.
-        **({} if offload else {"torch_adam": True})}}
+        **({} if zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+           else {"torch_adam": True})}}
     ds["scheduler"] = {"type": "WarmupDecayLR", "params": {
         "total_num_steps": stage.steps, "warmup_min_lr": 0.0, "warmup_max_lr": stage.lr,
         "warmup_num_steps": max(1, int(stage.warmup * stage.steps)), "warmup_type": "linear"}}
@@ -101,8 +108,9 @@ def train_worker(loop_config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from wr_train.model import SparseMLM, build_mlm, flops_per_token, peak_flops
+    from wr_train.model import SparseMLM, build_mlm, flops_per_token, keep_freed_memory, peak_flops
     from wr_train.stream import RowStream, masked_batches
+    keep_freed_memory()  # big per-step CPU tensors reuse memory instead of fresh pages
     from wr_train.tokenizer import PAD
 
     ctx = ray.train.get_context()
@@ -120,7 +128,7 @@ def train_worker(loop_config: dict) -> None:
             f"resume with --workers {state['world_size']} (data positions are per worker)")
     if state:
         log(f"resuming from {resume_dir} (stage {state['stage']}, step {state['step']})")
-    history = _read_history(local_resume) if (state and rank == 0) else []
+    history = read_history(local_resume) if (state and rank == 0) else []
     start_stage = state["stage"] if state else 0
     stage_step = state["stage_step"] if state else 0
     positions = state["positions"] if state else None
@@ -139,7 +147,7 @@ def train_worker(loop_config: dict) -> None:
         if weights_from and not mid_stage:
             # A new stage starts from the last weights (fp32, gathered from any ZeRO stage)
             # with a fresh optimizer and schedule, as the seed's recipe does.
-            mlm.load_state_dict(_fp32_weights(weights_from), strict=False)
+            mlm.load_state_dict(fp32_weights(weights_from), strict=False)
             mlm.tie_weights()
         engine, _, _, _ = deepspeed.initialize(
             model=SparseMLM(mlm), model_parameters=param_groups(mlm, cfg.optim.weight_decay),
@@ -294,14 +302,26 @@ def _inject_failure_once(run_dir: str, rank: int, step: int) -> None:
         raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
 
 
-def _fp32_weights(ckpt_dir: str) -> dict:
-    """Full fp32 weights of a local checkpoint copy, whatever its ZeRO stage."""
+def fp32_weights(ckpt_dir: str, tag: str = DS_TAG) -> dict:
+    """Full fp32 weights of a local checkpoint copy, whatever its ZeRO stage.
+
+    Stages 1-3 keep the fp32 master weights in the per-rank optimizer shards (gathered
+    by DeepSpeed's zero_to_fp32); stage 0 (a one-worker run) saves the module itself.
+    """
+    import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=DS_TAG)
+    tag_dir = os.path.join(ckpt_dir, tag)
+    if any(f.endswith("optim_states.pt") and "zero_pp_rank" in f for f in os.listdir(tag_dir)):
+        sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    else:
+        model_states = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"),
+                                  map_location="cpu", weights_only=False)
+        sd = {k: v.float() for k, v in model_states["module"].items()}
     return {k[len("mlm."):]: v for k, v in sd.items() if k.startswith("mlm.")}
 
 
-def _read_history(ckpt_dir: str) -> list[dict]:
+def read_history(ckpt_dir: str) -> list[dict]:
+    """The metrics.jsonl rows a checkpoint carries ([] when it has none)."""
     path = os.path.join(ckpt_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []

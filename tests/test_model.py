@@ -1,0 +1,44 @@
+"""SparseMLM: the training forward equals HF's BertForMaskedLM loss, for every preset shape."""
+import numpy as np
+import pytest
+import torch
+
+from wr_train.config import ModelConfig
+from wr_train.masking import mask_batch
+from wr_train.model import SparseMLM, build_mlm, flops_per_token
+
+
+@pytest.mark.parametrize("size", ["tiny", "mini"])
+def test_sparse_loss_equals_hf_full_loss(size):
+    """Skipping the last layer's work at unmasked positions and the head's at every
+    unmasked position changes nothing the loss sees (dropout off to compare)."""
+    mlm = build_mlm(ModelConfig(size=size), 3000, seed=1).eval()
+    rng = np.random.default_rng(0)
+    rows = rng.integers(15, 3000, size=(6, 64))
+    rows[1, 40:] = 0                      # padding in one row
+    ids, labels = mask_batch(rows, np.arange(6), epoch=0, seed=3, vocab_size=3000)
+    ids, labels = torch.from_numpy(ids), torch.from_numpy(labels)
+    loss, correct, n = SparseMLM(mlm)(ids, labels)
+    ref = mlm(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels)
+    assert n == int((labels != -100).sum()) > 0
+    assert torch.allclose(loss, ref.loss, rtol=1e-5, atol=1e-5)
+    where = labels != -100
+    assert int(correct) == int((ref.logits[where].argmax(-1) == labels[where]).sum())
+    # gradients agree too
+    loss.backward()
+    g_ours = {k: p.grad.clone() for k, p in mlm.named_parameters() if p.grad is not None}
+    mlm.zero_grad()
+    mlm(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels).loss.backward()
+    for k, p in mlm.named_parameters():
+        ref_g = p.grad if p.grad is not None else torch.zeros_like(p)
+        assert torch.allclose(g_ours.get(k, torch.zeros_like(p)), ref_g, rtol=1e-4, atol=1e-6), k
+
+
+def test_flops_per_token_counts_the_sparse_last_layer():
+    full = flops_per_token(ModelConfig(size="tiny"), 32000, 128, 1.0)
+    sparse = flops_per_token(ModelConfig(size="tiny"), 32000, 128, 0.15)
+    assert sparse < full
+    # mask fraction 1.0: every position runs everything = the dense count
+    h, f, v = 128, 512, 32000
+    dense = 3 * (2 * (8 * h * h + 4 * h * f + 4 * 128 * h) + 2 * h * h + 2 * h * v)
+    assert full == pytest.approx(dense)
