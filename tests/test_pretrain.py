@@ -42,6 +42,19 @@ def test_zero2_loss_falls_and_checkpoint_is_complete(pretrained_run):
     assert len(list_checkpoints(pretrain.run_dir_of(cfg))) == 2  # keep_checkpoints
 
 
+def test_tensorboard_events_in_run_dir(pretrained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg, _ = pretrained_run
+    tb = Path(pretrain.run_dir_of(cfg)) / "tensorboard"
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    loss = events.Scalars("pretrain/loss")
+    m = metrics_of(pretrain.run_dir_of(cfg))
+    assert [e.step for e in loss] == sorted(m)           # the whole history, once
+    assert loss[-1].value == pytest.approx(m[30]["loss"])
+    assert {"pretrain/mlm_acc", "pretrain/lr", "pretrain/tokens_per_s", "pretrain/mfu"} <= set(events.Tags()["scalars"])
+
+
 def test_failure_inside_worker_resumes_exactly(pretrained_run, tmp_path):
     """A worker dies after step 25; FailureConfig restarts the group, which resumes from the
     step-20 checkpoint and reaches step 30 with the uninterrupted run's losses."""

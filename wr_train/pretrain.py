@@ -219,6 +219,7 @@ def train_worker(loop_config: dict) -> None:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)  # Ray has persisted it
                 if rank == 0:
                     storage.write_text(storage.join(run_dir, "metrics.jsonl"), _jsonl(history))
+                    write_tensorboard(history, storage.join(run_dir, "tensorboard"))
             else:
                 ray.train.report(metrics)
         batches.close()
@@ -233,6 +234,20 @@ def train_worker(loop_config: dict) -> None:
             _, _, weights_from = _fetch_latest(run_dir, rank, log)
     if weights_from:
         shutil.rmtree(weights_from, ignore_errors=True)
+
+
+def write_tensorboard(history: list[dict], dest: str) -> None:
+    """TensorBoard event file of the whole history (rewritten at each checkpoint: S3
+    cannot append, and a resumed run's history comes back with its checkpoint)."""
+    from torch.utils.tensorboard import SummaryWriter
+    with tempfile.TemporaryDirectory(prefix="wr-tb-") as tmp:
+        writer = SummaryWriter(log_dir=tmp)
+        for row in history:
+            for key in ("loss", "mlm_acc", "lr", "tokens_per_s", "mfu"):
+                writer.add_scalar(f"pretrain/{key}", row[key], row["step"], walltime=row.get("time"))
+        writer.close()
+        storage.remove_tree(dest)
+        storage.copy_tree(tmp, dest, progress=False)
 
 
 def _fetch_latest(run_dir: str, rank: int, log):
