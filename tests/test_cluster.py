@@ -89,6 +89,16 @@ def free_ports(count: int) -> list[int]:
 
 # ------------------------------------------------------------------ processes we own
 
+def _kill_all(procs: list[psutil.Process], timeout: float) -> None:
+    """SIGKILL each process (gone ones are fine) and wait for them."""
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)
+
+
 class RayNode:
     """One `ray start --block` process in its own session; it and its descendants are ours."""
 
@@ -121,13 +131,7 @@ class RayNode:
 
     def kill(self) -> None:
         """The node dies at once: SIGKILL to every process of it (a lost machine)."""
-        procs = self.processes()
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
+        _kill_all(self.processes(), timeout=10)
         self.proc.wait(timeout=10)
 
     def stop(self, grace: float = 20) -> None:
@@ -140,12 +144,7 @@ class RayNode:
             except subprocess.TimeoutExpired:
                 pass
         _, alive = psutil.wait_procs(procs, timeout=2)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        _kill_all(alive, timeout=5)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=5)

@@ -49,7 +49,8 @@ def test_resume_with_other_worker_count_is_refused(pretrained_run, capsys):
 def test_overrides_may_stand_between_flags():
     from wr_train.cli import _parser, parse_with_overrides, pretrain_config
     args = parse_with_overrides(_parser(), ["pretrain", "--config", "demo-tiny", "zero_stage=3",
-                                            "--workers", "1", "stages.0.lr=0.001", "--name", "x"])
+                                            "--workers", "1", "stages.0.lr=0.001", "--name", "x",
+                                            "--shards", "some/dir"])
     cfg = pretrain_config(args)
     assert (cfg.zero_stage, cfg.workers, cfg.stages[0].lr, cfg.name) == (3, 1, 0.001, "x")
     with pytest.raises(SystemExit):

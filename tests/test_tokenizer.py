@@ -161,23 +161,17 @@ def test_hf_documented_differences(sp, hf):
 
 # ---------------------------------------------------------------- training errors
 
-def test_vocab_too_large_is_one_line_with_a_suggestion(small_corpus, tmp_path):
+@pytest.mark.parametrize("vocab, says, better", [
+    (200_000, "--vocab-size 200000", lambda v: 1000 <= v < 200_000),   # the corpus cannot fill it
+    (500, "too small", lambda v: v > 500),                             # fewer than its characters
+])
+def test_vocab_size_errors_are_one_line_with_a_suggestion(small_corpus, tmp_path, vocab, says, better):
     with pytest.raises(TokenizerError) as info:
-        train_spm(small_corpus[1:], str(tmp_path / "spm"), 200_000, input_sentence_size=5_000,
+        train_spm(small_corpus[1:], str(tmp_path / "spm"), vocab, input_sentence_size=5_000,
                   log=lambda *a: None)
     msg = str(info.value)
-    assert "\n" not in msg and "--vocab-size 200000" in msg and small_corpus[1] in msg
-    suggested = int(msg.split("use --vocab-size ")[1].split()[0])
-    assert 1000 <= suggested < 200_000
-
-
-def test_vocab_too_small_is_one_line_with_a_suggestion(small_corpus, tmp_path):
-    with pytest.raises(TokenizerError) as info:
-        train_spm(small_corpus[1:], str(tmp_path / "spm"), 500, input_sentence_size=5_000,
-                  log=lambda *a: None)
-    msg = str(info.value)
-    assert "\n" not in msg and "too small" in msg and small_corpus[1] in msg
-    assert int(msg.split("use --vocab-size ")[1].split()[0]) > 500
+    assert "\n" not in msg and says in msg and small_corpus[1] in msg
+    assert better(int(msg.split("use --vocab-size ")[1].split()[0]))
 
 
 def test_bad_training_input(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from importlib import resources
@@ -119,7 +120,7 @@ def train_worker(loop_config: dict) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     run_dir = loop_config["run_dir"]
-    log = print if rank == 0 else (lambda *a, **k: None)
+    log = _console_line if rank == 0 else (lambda *a, **k: None)
 
     resume_dir, state, local_resume = _fetch_latest(run_dir, rank, log)
     if state and state["world_size"] != world:
@@ -248,6 +249,13 @@ def write_tensorboard(history: list[dict], dest: str) -> None:
         writer.close()
         storage.remove_tree(dest)
         storage.copy_tree(tmp, dest, progress=False)
+
+
+def _console_line(*parts, **_) -> None:
+    """One line on the worker's stdout (Ray shows it on the driver). Not print(): Ray
+    Train patches print to also log it, and the console then shows every line twice."""
+    sys.stdout.write(" ".join(map(str, parts)) + "\n")
+    sys.stdout.flush()
 
 
 def _fetch_latest(run_dir: str, rank: int, log):
