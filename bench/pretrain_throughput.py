@@ -1,7 +1,7 @@
 """Pretraining step throughput: wr-train's step vs a plain HF BertForMaskedLM loop.
 
 Same packed, masked rows (real demo text, seq 128, batch 32) for both, one worker:
-- ours: the worker's DeepSpeed engine (one worker: ZeRO stage 0; fp32 on CPU / bf16 on
+- ours: the worker's DeepSpeed engine (fp32 on CPU: ZeRO stage 0, one worker; bf16 ZeRO-1 on
   GPU) around SparseMLM, which projects only the masked positions onto the vocabulary and
   runs the last layer only there, with glibc told to keep freed memory (as the worker does);
 - HF: BertForMaskedLM(labels=...) computing full-vocab logits on every position, torch AdamW,

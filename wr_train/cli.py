@@ -38,10 +38,14 @@ def _parser() -> argparse.ArgumentParser:
 
     s = add("spm", "Train the SentencePiece word segmenter (UER's recipe, made right for Chinese).")
     s.add_argument("--corpus", nargs="+", required=True, help="text files, dirs (*.txt) or globs")
-    s.add_argument("--vocab-size", type=int, default=100_000)
-    s.add_argument("--char", action="store_true", help="character vocabulary (char-based baseline)")
+    s.add_argument("--vocab-size", type=int, default=100_000,
+                   help="pieces incl. the 15 specials (default 100000, the seed's; the demo corpus "
+                        "supports ~32k); with --char an upper bound")
+    s.add_argument("--char", action="store_true",
+                   help="character vocabulary: every character one token, same special ids "
+                        "(the char-based baseline; packing, pretraining, export, fine-tuning unchanged)")
     s.add_argument("--sample", type=int, default=2_000_000, help="sentences sampled for training")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="directory for spm.model, spm.vocab, meta.json")
 
     pp = add("preprocess", "Encode and pack a corpus into Parquet shards with Ray Data.")
     pp.add_argument("--corpus", nargs="+", required=True, help="files, dirs or globs; local or s3://")

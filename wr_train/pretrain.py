@@ -65,9 +65,10 @@ def build_ds_config(cfg: PretrainConfig, stage: StageConfig, world: int) -> dict
     zero = ds["zero_optimization"]
     offload = any(zero.get(k, {}).get("device") in ("cpu", "nvme")
                   for k in ("offload_optimizer", "offload_param"))
-    if world == 1 and not offload:
+    if world == 1 and not offload and precision == "fp32":
         # One worker: ZeRO has nothing to partition, and its flat-buffer copies cost ~20%
         # of a CPU step (measured, bench/pretrain_throughput.py). Same math at stage 0.
+        # bf16/fp16 keep their stage: ZeRO holds their fp32 master weights.
         zero["stage"] = 0
     ds["train_micro_batch_size_per_gpu"] = stage.micro_batch
     ds["gradient_accumulation_steps"] = accum
