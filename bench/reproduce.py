@@ -227,7 +227,7 @@ def findings(args, results: dict, pretrain_info: dict, vocab_ratio: float) -> li
                          "guessing the commonest token)" +
                          (": it learned little beyond token frequencies, so fine-tuning starts from "
                           "nearly what scratch has." if gap < 0.5 else "."))
-    lines += ["- Why, and what it would take: at equal compute the word model must learn a 4× larger "
+    lines += [f"- Why, and what it would take: at equal compute the word model must learn a {vocab_ratio:.1f}× larger "
               "output vocabulary from fewer occurrences per type (each word type is seen far less "
               "often than each character), so in a budget this short it stays nearer its floor "
               "than the char model. The seed pretrains 1M steps × 512 rows on a corpus far larger "
