@@ -151,10 +151,13 @@ def add_scores_to_card(model_dir: str, scores_md: str) -> bool:
 
 def fill_mask_table(model_dir: str, text: str, top_k: int = 5) -> str:
     from transformers import pipeline
+
+    from wr_train.finetune import quiet_transformers
     check_hf_dir(model_dir)
-    unmasker = pipeline("fill-mask", model=model_dir, tokenizer=model_dir)
     if "[MASK]" not in text:
         raise ExportError(f"text {text!r}: expected a [MASK] in it")
+    with quiet_transformers():  # no weight-loading progress bar inside the table's output
+        unmasker = pipeline("fill-mask", model=model_dir, tokenizer=model_dir)
     results = unmasker(text, top_k=top_k)
     if results and isinstance(results[0], list):
         results = results[0]
