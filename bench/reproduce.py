@@ -53,18 +53,16 @@ def corpus_chars(corpus_dir: Path) -> int:
     return n
 
 
-def unigram_floor(shard_dir: Path) -> dict:
+def unigram_floor(shard_dir: Path, vocab: int) -> dict:
     """What a model that ignores context scores on masked tokens: the entropy (nats) of the
     token frequencies, and the accuracy of always guessing the most frequent token."""
     import numpy as np
     import pyarrow.parquet as pq
-    counts = None
+    counts = np.zeros(vocab, np.int64)
     for f in sorted(shard_dir.glob("*.parquet")):
-        col = pq.read_table(f, columns=["input_ids"]).column(0).to_numpy(zero_copy_only=False)
-        ids = np.concatenate(col)
-        c = np.bincount(ids[ids >= 15])
-        counts = c if counts is None else np.pad(counts, (0, max(0, len(c) - len(counts)))) + \
-            np.pad(c, (0, max(0, len(counts) - len(c))))
+        ids = np.concatenate(pq.read_table(f, columns=["input_ids"]).column(0).to_numpy(zero_copy_only=False))
+        counts += np.bincount(ids, minlength=vocab)
+    counts[:15] = 0  # specials are never targets
     p = counts[counts > 0] / counts.sum()
     return {"entropy": float(-(p * np.log(p)).sum()), "top1": float(counts.max() / counts.sum())}
 
@@ -103,6 +101,7 @@ def pretrain_model(work: Path, kind: str, size: str, shards: Path, steps: int, b
     from wr_train import pretrain
     from wr_train.config import load_config
     from wr_train.export import export_checkpoint
+    from wr_train.pretrain import read_history
     hf = work / f"hf-{kind}-{size}"
     run_name = f"{kind}-{size}"
     if not (hf / "model.safetensors").exists():
@@ -116,9 +115,7 @@ def pretrain_model(work: Path, kind: str, size: str, shards: Path, steps: int, b
         last = pretrain.run(cfg.validate(), log=log)
         export_checkpoint(last, str(hf), log=log)
         BUILT.add(f"pretrain-{kind}-{size}")
-    metrics = work / "runs" / run_name / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return hf, rows
+    return hf, read_history(str(work / "runs" / run_name))
 
 
 def scratch_model(work: Path, size: str, spm_dir: Path) -> Path:
@@ -136,7 +133,7 @@ def scratch_model(work: Path, size: str, spm_dir: Path) -> Path:
 
 def sweep(work: Path, name: str, model: Path, data: str, grid: dict, seeds: int) -> dict:
     """Tune sweep over the six tasks; task -> per-seed dev/test of the best-dev configuration."""
-    from wr_train.tune import read_trials, run_sweep
+    from wr_train.tune import TrialSpec, read_trials, run_sweep
     log(f"fine-tuning {name} on {len(TASKS)} tasks × {seeds} seeds (Ray Tune)")
     report = run_sweep(str(model), TASKS, data, storage=str(work / "sweeps"), name=name,
                        epochs=grid["epochs"], batch_sizes=grid["batch_sizes"], lrs=grid["lrs"],
@@ -151,8 +148,8 @@ def sweep(work: Path, name: str, model: Path, data: str, grid: dict, seeds: int)
         best = report["best"].get(task)
         if best is None:
             continue
-        recs = [r for k, r in records.items() if r["spec"]["task"] == task
-                and f"e{r['spec']['epochs']}-b{r['spec']['batch_size']}-lr{r['spec']['lr']:g}" == best["config"]]
+        recs = [r for r in records.values() if r["spec"]["task"] == task
+                and TrialSpec(**r["spec"]).config_key == best["config"]]
         out[task] = {"config": best["config"], "dev": [r["dev_acc"] for r in recs],
                      "test": [r["test_acc"] for r in recs if r.get("test_acc") is not None],
                      "majority": best.get("majority_dev")}
@@ -380,7 +377,7 @@ def main(argv=None) -> int:
                            "rows": m["rows"], "pad": m["pad_fraction"]}
         log(f"{kind}: {chars / m['text_tokens']:.2f} chars/token, {m['rows']:,} rows")
 
-    floors = {kind: unigram_floor(s["dir"]) for kind, s in shards.items()}
+    floors = {kind: unigram_floor(s["dir"], s["manifest"]["vocab_size"]) for kind, s in shards.items()}
     results, curves, pretrain_info = {}, {}, {}
     for size in args.sizes:
         models = {}

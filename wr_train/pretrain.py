@@ -63,9 +63,9 @@ def build_ds_config(cfg: PretrainConfig, stage: StageConfig, world: int) -> dict
     if not cfg.ds_config:
         ds["zero_optimization"]["stage"] = cfg.zero_stage
     zero = ds["zero_optimization"]
-    offload = any(zero.get(k, {}).get("device") in ("cpu", "nvme")
-                  for k in ("offload_optimizer", "offload_param"))
-    if world == 1 and not offload and precision == "fp32":
+    offloads = {k: zero.get(k, {}).get("device") in ("cpu", "nvme")
+                for k in ("offload_optimizer", "offload_param")}
+    if world == 1 and not any(offloads.values()) and precision == "fp32":
         # One worker: ZeRO has nothing to partition, and its flat-buffer copies cost ~20%
         # of a CPU step (measured, bench/pretrain_throughput.py). Same math at stage 0.
         # bf16/fp16 keep their stage: ZeRO holds their fp32 master weights.
@@ -78,8 +78,7 @@ def build_ds_config(cfg: PretrainConfig, stage: StageConfig, world: int) -> dict
         "lr": stage.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
         "weight_decay": cfg.optim.weight_decay,
         # torch's AdamW (fused on CUDA) needs no JIT build; CPU offload needs DeepSpeedCPUAdam.
-        **({} if zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
-           else {"torch_adam": True})}}
+        **({} if offloads["offload_optimizer"] else {"torch_adam": True})}}
     ds["scheduler"] = {"type": "WarmupDecayLR", "params": {
         "total_num_steps": stage.steps, "warmup_min_lr": 0.0, "warmup_max_lr": stage.lr,
         "warmup_num_steps": max(1, int(stage.warmup * stage.steps)), "warmup_type": "linear"}}

@@ -438,10 +438,9 @@ def run_sweep(model_dir: str, tasks, data_dir: str, storage: str | None = None,
     report = write_report(sweep_dir, specs, records, loaded, meta,
                           model_name or default_model_name(model_dir), log)
     missing = report["scores"]["missing"]
-    if not store.is_s3(str(model_dir)):
-        from wr_train.export import add_scores_to_card
-        if add_scores_to_card(str(model_dir), report["scores_md"]):
-            log(f"[tune] added the score table to the model card {Path(model_dir, 'README.md')}")
+    from wr_train.export import add_scores_to_card
+    if add_scores_to_card(str(model_dir), report["scores_md"]):  # model_dir is local (check_hf_dir)
+        log(f"[tune] added the score table to the model card {Path(model_dir, 'README.md')}")
     report.update(trials_run=len(pending) - len(missing), trials_skipped=len(finished),
                   failed=failed, missing=missing)
     return report
