@@ -11,8 +11,8 @@ What runs, each in a fresh child process so no run inherits another's memory:
 - plain2: the same loop in two forked processes, each on every other chunk (no Ray): what
   2 cores give without any framework (UER-py's preprocess works this way).
 - ray:    `corpus.preprocess` on a local Ray started with num_cpus=CPUS before the clock
-  starts (Ray's and Ray Data's start-up are excluded from throughput, not from memory,
-  and shown in the start-up column).
+  starts, its workers warm and the tree idle (Ray's and Ray Data's start-up are excluded
+  from throughput, not from memory, and shown in the start-up column).
 Corpus: the demo corpus (`wr-train data demo`), and the same files 10 times over
 (symlinks, so the 10x run reads 10x the bytes).
 
@@ -24,7 +24,13 @@ Measured per run:
   load on the machine, and tok/CPU-s × CPUS is what CPUS idle cores could reach;
 - peak memory: the largest sum of PSS over the child's process tree (driver + raylet +
   GCS + all Ray workers, shared pages split between their users, so the object store
-  is counted once), sampled every --interval seconds for the child's whole life.
+  is counted once), sampled every --interval seconds for the child's whole life, in a
+  separate run of the same kind: reading PSS (/proc/PID/smaps_rollup) of a dozen Ray
+  processes costs ~45 ms of CPU per sample, which at 0.1 s would take half a core from
+  the run being timed (measured: 1x ray 2.63M tok/s unsampled, 1.83M sampled).
+Library imports are start-up for every kind: the plain loops make pyarrow load its
+pandas shim (~0.45 CPU-s on first pa.array) before the clock, as Ray's workers did when
+they imported Ray Data.
 The load average is printed beside each run: on a shared box wall-clock numbers move
 with other people's work; the best of --repeat runs is kept.
 """
@@ -66,6 +72,16 @@ def tree_cpu_seconds() -> float:
     return total
 
 
+def wait_until_idle(window: float = 1.0, busy_cpus: float = 0.1, timeout: float = 60.0) -> None:
+    """Return once this process tree used < busy_cpus CPUs over a whole window."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        before = tree_cpu_seconds()
+        time.sleep(window)
+        if tree_cpu_seconds() - before < busy_cpus * window:
+            return
+
+
 def child(args) -> None:
     import numpy as np
 
@@ -75,14 +91,24 @@ def child(args) -> None:
         t_start = time.perf_counter()
         import ray
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-        # Warm-up outside the clock: Ray's worker processes, and Ray Data's first run
-        # (it imports ray.data everywhere and starts its stats/autoscaling actors, ~9
-        # CPU-s here, once per cluster).
-        for _ in range(2):
-            ds = ray.data.from_items(list(range(args.cpus)), override_num_blocks=args.cpus)
-            ds.context.enable_progress_bars = False
-            ds.map_batches(lambda b: b, batch_size=1, num_cpus=1).materialize()
+        # Warm-up outside the clock: one Ray worker per CPU, each having imported Ray
+        # Data (run together, so no worker is left cold), then Ray Data's first run (it
+        # starts its stats and autoscaling-coordinator actors, ~1.4 CPU-s each, in the
+        # background), then wait until the process tree is idle: otherwise that start-up
+        # runs inside the timed window.
+        @ray.remote(num_cpus=1)
+        def warm_worker():
+            import ray.data  # noqa: F401
+            time.sleep(0.5)
+        ray.get([warm_worker.remote() for _ in range(args.cpus)])
+        ds = ray.data.from_items(list(range(args.cpus)), override_num_blocks=args.cpus)
+        ds.context.enable_progress_bars = False
+        ds.map_batches(lambda b: b, batch_size=1, num_cpus=1).materialize()
+        wait_until_idle()
         startup = time.perf_counter() - t_start
+    else:
+        import pyarrow as pa
+        pa.array(np.zeros(1, np.int32))  # pyarrow's lazy pandas import, outside the clock
     files = corpus.list_sources([args.corpus])
     cpu0, t0 = tree_cpu_seconds(), time.perf_counter()
     if args.child == "ray":
@@ -172,19 +198,20 @@ class TreeSampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
-def run_child(kind: str, corpus_dir: Path, spm: Path, args, work: Path, retries: int = 1) -> dict:
-    """One run in a fresh child process; a failed one (e.g. Ray's start-up timing out on a
-    busy box) is retried `retries` times."""
+def run_child(kind: str, corpus_dir: Path, spm: Path, args, work: Path, sample: bool,
+              retries: int = 1) -> dict:
+    """One run in a fresh child process, its memory sampled or not (see module doc); a
+    failed one (e.g. Ray's start-up timing out on a busy box) is retried `retries` times."""
     try:
-        return _run_child(kind, corpus_dir, spm, args, work)
+        return _run_child(kind, corpus_dir, spm, args, work, sample)
     except RuntimeError as e:
         if retries <= 0:
             raise SystemExit(str(e))
         print(f"{kind}: retrying after: {str(e).strip().splitlines()[-1]}", flush=True)
-        return run_child(kind, corpus_dir, spm, args, work, retries - 1)
+        return run_child(kind, corpus_dir, spm, args, work, sample, retries - 1)
 
 
-def _run_child(kind: str, corpus_dir: Path, spm: Path, args, work: Path) -> dict:
+def _run_child(kind: str, corpus_dir: Path, spm: Path, args, work: Path, sample: bool) -> dict:
     out = work / f"out-{kind}-{time.time_ns()}"
     cmd = [sys.executable, __file__, "--child", kind, "--corpus", str(corpus_dir), "--spm",
            str(spm), "--out", str(out), "--seq-length", str(args.seq_length), "--packing",
@@ -193,10 +220,12 @@ def _run_child(kind: str, corpus_dir: Path, spm: Path, args, work: Path) -> dict
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "RAY_DEDUP_LOGS": "0"})
     sampler = TreeSampler(proc.pid, args.interval)
-    sampler.start()
+    if sample:
+        sampler.start()
     stdout, stderr = proc.communicate()
-    sampler.stop.set()
-    sampler.join()
+    if sample:
+        sampler.stop.set()
+        sampler.join()
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
         raise RuntimeError(f"bench child {kind} failed:\n{stderr[-3000:]}")
@@ -281,15 +310,18 @@ def main() -> None:
             cdir = repeated_corpus(corpus_dir, scale, work)
             kinds = ["spm1", "spm2"] if scale == 1 else []
             for kind in kinds + ["plain", "plain2", "ray"]:
-                runs = [run_child(kind, cdir, spm, args, work) for _ in range(args.repeat)]
+                runs = [run_child(kind, cdir, spm, args, work, sample=False)
+                        for _ in range(args.repeat)]
+                mem = run_child(kind, cdir, spm, args, work, sample=True)
                 best = min(runs, key=lambda r: r["seconds"])
-                best.update(scale=scale, kind=kind,
-                            peak_pss_mb=max(r["peak_pss_mb"] for r in runs),
-                            max_rss_mb=max(r["max_rss_mb"] for r in runs))
+                best.update(scale=scale, kind=kind, peak_pss_mb=mem["peak_pss_mb"],
+                            max_rss_mb=max(r["max_rss_mb"] for r in runs + [mem]))
                 results.append(best)
                 print(f"{scale}x {kind}: " + ", ".join(
                     f"{r['text_tokens'] / r['seconds'] / 1e6:.2f}M tok/s in {r['seconds']:.1f}s "
-                    f"(load {r['load']:.1f}, peak {r['peak_pss_mb']:.0f} MB)" for r in runs), flush=True)
+                    f"(load {r['load']:.1f})" for r in runs)
+                    + f"; memory run: peak {mem['peak_pss_mb']:.0f} MB PSS over "
+                    f"{mem['samples']} samples", flush=True)
     report = render(results, args, spm)
     print()
     print(report)
@@ -310,7 +342,8 @@ def render(results: list[dict], args, spm: Path) -> str:
         f"{time.strftime('%Y-%m-%d %H:%M')}: {os.cpu_count()} CPUs "
         f"({platform.processor() or platform.machine()}), Ray with num_cpus={args.cpus}; "
         f"spm `{spm.name}` (vocab {args.vocab}), seq {args.seq_length}, packing {args.packing}; "
-        f"best of {args.repeat} run(s) per row; load average during the runs "
+        f"best of {args.repeat} unsampled run(s) per row, peak PSS from one more run sampled "
+        f"every {args.interval} s; load average during the runs "
         f"{min(loads):.1f}-{max(loads):.1f} (the box is shared).",
         "",
         fmt_table(results, args.cpus),

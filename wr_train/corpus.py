@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from wr_train import storage
 from wr_train.tokenizer import CLS, PAD, SEP, check_spm_dir, file_sha256, load_spm
@@ -54,10 +55,8 @@ MAX_DOC_CHARS = 20_000         # longer lines are encoded in pieces (see module 
 ROWS_PER_SHARD = 64 * 1024
 BLOCK_ROWS = 1024              # Parquet row group = the unit the training stream shuffles
 HEAD_BYTES = 65536             # what check_text_file looks at
-TASKS_PER_CPU = 1              # tasks in flight per CPU. 2 hides Ray Data's gap between a
-                               # task's end and the next start (0.06-0.25 s on the shared
-                               # 2-core box: ~1.45 of 2 CPUs busy) but cost +25% memory
-                               # and, under load, more CPU per token (bench/RESULTS.md)
+TASKS_PER_CPU = 1              # tasks in flight per CPU (more only costs memory: with
+                               # outputs handed over at once, a CPU idles < 0.05 s per task)
 STAT_KEYS = ("lines", "documents", "undecodable_lines", "empty_lines", "split_long_lines",
              "text_tokens", "non_pad_tokens")
 _SENTENCE_ENDS = "。！？!?；;…"
@@ -394,9 +393,11 @@ def _processor(model_proto: bytes):
 
 
 def encode_and_pack(batch: dict, model_proto: bytes, seq_length: int, packing: str,
-                    env: dict | None = None) -> dict:
-    """Ray Data task body: one chunk in, its packed rows (+ the chunk's counts) out. The
-    counts ride on the first row; a chunk without rows sends one dummy row (real=False)."""
+                    env: dict | None = None) -> pa.Table:
+    """Ray Data task body: one chunk in, its packed rows (+ the chunk's counts) out, as an
+    Arrow table whose `input_ids` is already the FixedSizeList column the shards store
+    (no tensor-extension round trip on either side). The counts ride on the first row; a
+    chunk without rows sends one dummy row (real=False)."""
     for key, value in (env or {}).items():  # S3 endpoint/credentials of the driver
         if os.environ.get(key) != value:
             os.environ[key] = value
@@ -407,13 +408,21 @@ def encode_and_pack(batch: dict, model_proto: bytes, seq_length: int, packing: s
     real = n > 0
     if not real:
         rows, n = np.zeros((1, seq_length), dtype=np.int32), 1
-    out = {"input_ids": rows, "chunk": np.full(n, int(batch["chunk"][0]), dtype=np.int64),
-           "real": np.full(n, real)}
+    ids = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), seq_length)
+    columns = {"input_ids": ids,
+               "chunk": np.full(n, int(batch["chunk"][0]), dtype=np.int64),
+               "real": np.full(n, real)}
     for k in STAT_KEYS:
         col = np.zeros(n, dtype=np.int64)
         col[0] = stats[k]
-        out[k] = col
-    return out
+        columns[k] = col
+    return pa.table(columns)
+
+
+def rows_of(table: pa.Table) -> np.ndarray:
+    """The `input_ids` column of an encode_and_pack table as an [n, seq_length] int32 view."""
+    ids = table.column("input_ids").combine_chunks()
+    return ids.flatten().to_numpy().reshape(len(ids), ids.type.list_size)
 
 
 # ---------------------------------------------------------------- driver
@@ -573,19 +582,28 @@ def preprocess(corpus: list[str], spm_dir: str, out: str, seq_length: int = 128,
             encode_and_pack, batch_size=1, batch_format="numpy", num_cpus=1 / TASKS_PER_CPU,
             fn_kwargs={"model_proto": model_proto, "seq_length": seq_length,
                        "packing": packing, "env": _s3_env()})
-        ds.context.execution_options.preserve_order = True  # chunk order -> stable row_id
-        ds.context.enable_progress_bars = False
+        ctx = ds.context
+        ctx.execution_options.preserve_order = True  # chunk order -> stable row_id
+        ctx.enable_progress_bars = False
+        # Ray Data's per-operator reservation learns the cluster's CPUs from its autoscaling
+        # coordinator about 1 s into every run, and until then runs one task at a time
+        # (on 2 CPUs that was a third of a 26 MB run). With a single map operator there is
+        # nothing to balance; the tasks still take one CPU each, and finished chunks wait
+        # in the object store only while the driver is behind (bench/RESULTS.md).
+        ctx.op_resource_reservation_enabled = False
         last_log, done = time.time(), 0
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        # prefetch_batches=0: a prefetching iterator holds a finished chunk back until the
+        # next one is ready, which left the driver's writing to pile up after the last task.
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             for k in STAT_KEYS:
-                totals[k] += int(batch[k].sum())
-            done += len(np.unique(batch["chunk"]))
-            real = batch["real"]
-            writer.add(batch["input_ids"] if real.all() else batch["input_ids"][real])
+                totals[k] += int(pc.sum(batch.column(k)).as_py())
+            done += len(pc.unique(batch.column("chunk")))
+            real = batch.column("real")
+            writer.add(rows_of(batch if pc.all(real).as_py() else batch.filter(real)))
             if time.time() - last_log > 10:
                 last_log = time.time()
                 log(f"preprocess: {done}/{len(chunks)} chunks, {writer.rows + writer.pending_rows:,} "
-                    f"rows, {totals['text_tokens'] / (time.time() - t0) / 1e6:.2f}M tok/s")
+                    f"rows, {totals['text_tokens'] / (time.time() - t0):,.0f} tok/s")
         writer.close()
         if not writer.files:
             raise CorpusError(f"--corpus {' '.join(corpus)}: empty corpus (no text lines after "
@@ -619,8 +637,8 @@ def preprocess(corpus: list[str], spm_dir: str, out: str, seq_length: int = 128,
         raise CorpusError(f"preprocess {' '.join(corpus)} -> {out} failed: "
                           f"{type(e).__name__}: {detail}") from e
     log(f"preprocess: {m.rows:,} rows × {seq_length} in {len(m.files)} shard(s), "
-        f"{m.text_tokens:,} text tokens ({m.text_tokens / m.seconds / 1e6:.2f}M tok/s), "
-        f"pad {m.pad_fraction:.2%}, {m.documents:,} documents, skipped {m.skipped} in {m.seconds:.1f}s")
+        f"{m.text_tokens:,} text tokens ({m.text_tokens / m.seconds:,.0f} tok/s with start-up),"
+        f" pad {m.pad_fraction:.2%}, {m.documents:,} documents, skipped {m.skipped} in {m.seconds:.1f}s")
     return asdict(m)
 
 
@@ -694,7 +712,4 @@ def read_rows(shards: str, name: str) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow.parquet as pq
     fs, inner = storage.resolve(storage.join(shards, name))
     table = pq.read_table(inner, filesystem=fs)
-    ids = table.column("input_ids").combine_chunks()
-    seq = ids.type.list_size
-    return (table.column("row_id").to_numpy(),
-            ids.flatten().to_numpy(zero_copy_only=False).reshape(-1, seq).astype(np.int64))
+    return table.column("row_id").to_numpy(), rows_of(table).astype(np.int64)
