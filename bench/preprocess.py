@@ -219,19 +219,21 @@ def _run_child(kind: str, corpus_dir: Path, spm: Path, args, work: Path, sample:
     load0 = os.getloadavg()[0]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "RAY_DEDUP_LOGS": "0"})
-    sampler = TreeSampler(proc.pid, args.interval)
-    if sample:
+    sampler = TreeSampler(proc.pid, args.interval) if sample else None
+    if sampler:
         sampler.start()
     stdout, stderr = proc.communicate()
-    if sample:
+    if sampler:
         sampler.stop.set()
         sampler.join()
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
         raise RuntimeError(f"bench child {kind} failed:\n{stderr[-3000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
-    result.update(peak_pss_mb=sampler.peak_pss / 2**20, peak_rss_mb=sampler.peak_rss / 2**20,
-                  samples=sampler.samples, load=(load0 + os.getloadavg()[0]) / 2)
+    result["load"] = (load0 + os.getloadavg()[0]) / 2
+    if sampler:
+        result.update(peak_pss_mb=sampler.peak_pss / 2**20, peak_rss_mb=sampler.peak_rss / 2**20,
+                      samples=sampler.samples)
     return result
 
 

@@ -408,8 +408,7 @@ def encode_and_pack(batch: dict, model_proto: bytes, seq_length: int, packing: s
     real = n > 0
     if not real:
         rows, n = np.zeros((1, seq_length), dtype=np.int32), 1
-    ids = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), seq_length)
-    columns = {"input_ids": ids,
+    columns = {"input_ids": id_column(rows),
                "chunk": np.full(n, int(batch["chunk"][0]), dtype=np.int64),
                "real": np.full(n, real)}
     for k in STAT_KEYS:
@@ -419,8 +418,15 @@ def encode_and_pack(batch: dict, model_proto: bytes, seq_length: int, packing: s
     return pa.table(columns)
 
 
+def id_column(rows: np.ndarray) -> pa.FixedSizeListArray:
+    """[n, seq_length] ids as the shards' `input_ids` column (fixed-size lists of int32)."""
+    flat = np.ascontiguousarray(rows, dtype=np.int32).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat), rows.shape[1])
+
+
 def rows_of(table: pa.Table) -> np.ndarray:
-    """The `input_ids` column of an encode_and_pack table as an [n, seq_length] int32 view."""
+    """The `input_ids` column of a table (a task's output or a shard) as an
+    [n, seq_length] int32 view: the inverse of id_column."""
     ids = table.column("input_ids").combine_chunks()
     return ids.flatten().to_numpy().reshape(len(ids), ids.type.list_size)
 
@@ -487,8 +493,7 @@ class ShardWriter:
         path = storage.join(self.root, self._name)
         table = pa.table({
             "row_id": pa.array(np.arange(self.rows, self.rows + len(rows), dtype=np.int64)),
-            "input_ids": pa.FixedSizeListArray.from_arrays(
-                pa.array(np.ascontiguousarray(rows, dtype=np.int32).reshape(-1)), self.seq_length),
+            "input_ids": id_column(rows),
         })
         try:
             if self._writer is None:
