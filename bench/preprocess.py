@@ -157,7 +157,7 @@ def plain_loop(args, chunks: list[dict], out: str) -> tuple[int, int]:
     writer = corpus.ShardWriter(out, args.seq_length, corpus.ROWS_PER_SHARD)
     text_tokens = 0
     for c in chunks:
-        rows, stats = corpus.chunk_rows(sp, c["path"], c["start"], c["end"], args.seq_length,
+        rows, _, stats = corpus.chunk_rows(sp, c["path"], c["start"], c["end"], args.seq_length,
                                         args.packing)
         writer.add(rows)
         text_tokens += stats["text_tokens"]

@@ -22,7 +22,7 @@ from wr_train.tokenizer import CLS, NUM_SPECIAL, PAD, SEP, TokenizerError, file_
 
 SEQ = 64
 CHUNK = 512 << 10   # small chunks: the test corpus spans several tasks and chunk edges
-QUIET = dict(log=lambda *a: None)
+QUIET = dict(log=lambda *a: None, heldout=0.0)  # exact round trips: every document in train
 
 
 # ---------------------------------------------------------------- helpers
@@ -196,7 +196,7 @@ def test_ten_mb_line_memory_is_bounded(tmp_path, tiny_spm, demo_dir):
              "from wr_train import corpus\nfrom wr_train.tokenizer import load_spm\n"
              "sp = load_spm(sys.argv[1]); f = sys.argv[2]\n"
              "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-             "rows, st = corpus.chunk_rows(sp, f, 0, os.path.getsize(f), 128, 'full')\n"
+             "rows, _, st = corpus.chunk_rows(sp, f, 0, os.path.getsize(f), 128, 'full')\n"
              "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
              "print(json.dumps({'grew_mb': (peak - base) / 1024, **st}))\n")
     out = subprocess.run([sys.executable, "-c", probe, str(tiny_spm), str(path)], check=True,
@@ -289,7 +289,8 @@ def test_manifest_counts(full_run, reference, text_files, tiny_spm):
     assert [s["bytes"] for s in m["sources"]] == [os.path.getsize(f) for f in text_files]
     assert m["chunks"] > len(text_files)  # the test really crosses chunk edges
     first = 0
-    assert sorted(os.listdir(out)) == sorted(list(m["files"]) + ["manifest.json", "spm.model"])
+    assert sorted(os.listdir(out)) == sorted(list(m["files"]) + ["manifest.json", "spm.model", "token_counts.npy"])
+    assert m["eval"]["rows"] == 0 and m["eval"]["files"] == {}
     for name in sorted(m["files"]):
         info = m["files"][name]
         meta = pq.ParquetFile(out / name).metadata
@@ -316,6 +317,60 @@ def test_rows_are_stable_across_runs(full_run, text_dir, tiny_spm, tmp_path):
                rows_per_shard=5000, **QUIET)
     a, b = all_rows(str(out)), all_rows(str(other))
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_heldout_documents_are_packed_apart_with_the_floor(ray_cluster, text_dir, tiny_spm, reference,
+                                                          sp, text_files, full_run, tmp_path):
+    """A share of the documents (by a hash of the text) goes to eval/ instead of the
+    train rows: together they are every document once; the floor comes from the counts
+    of the train rows alone."""
+    docs, _ = reference
+    out = tmp_path / "held"
+    m = preprocess([str(text_dir)], str(tiny_spm), str(out), seq_length=SEQ, chunk_bytes=CHUNK,
+                   rows_per_shard=3000, log=lambda *a: None, heldout=0.2)
+    ev = m["eval"]
+    assert m["heldout"] == 0.2 and 0 < ev["rows"] == sum(f["rows"] for f in ev["files"].values())
+    assert sorted(ev["files"])[0] == "eval/part-00000.parquet"
+    assert m["documents"] + ev["documents"] == len(docs) == full_run[1]["documents"]
+    assert 0.1 < ev["documents"] / len(docs) < 0.3
+    assert m["text_tokens"] + ev["text_tokens"] == sum(map(len, docs))
+    _, train = all_rows(str(out))
+    eval_ids, held = corpus.read_eval_rows(str(out), m, 10 ** 9)
+    assert np.array_equal(eval_ids, np.arange(ev["rows"])) and len(held) == ev["rows"]
+    assert np.count_nonzero(held) == ev["non_pad_tokens"] and np.count_nonzero(train) == m["non_pad_tokens"]
+    # the held-out documents are exactly those the hash picks, and the same on a rerun
+    texts = []
+    for f in text_files:
+        data = Path(f).read_bytes().removeprefix(codecs.BOM_UTF8)
+        for raw in data.split(b"\n"):
+            try:
+                t = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                continue
+            if t and sp.encode(corpus.split_long_line(t)[0]):
+                texts.append(corpus.split_long_line(t)[0])
+    picked = corpus.heldout_pieces(texts, [True] * len(texts), 0.2)
+    assert int(picked.sum()) == ev["documents"]
+    first_held = sp.encode(texts[int(np.argmax(picked))])
+    n = min(len(first_held), SEQ - 1)
+    assert held[0, 1:1 + n].tolist() == first_held[:n]  # eval rows keep corpus order
+    # the floor: unigram entropy and commonest-token share of the train rows' targets
+    counts = np.load(out / "token_counts.npy")
+    assert np.array_equal(counts, np.bincount(train.reshape(-1), minlength=m["vocab_size"]))
+    c = counts[NUM_SPECIAL:].astype(float)
+    p = c[c > 0] / c.sum()
+    assert m["unigram"]["entropy"] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-5)
+    assert m["unigram"]["top_fraction"] == pytest.approx(c.max() / c.sum(), rel=1e-5)
+    assert 3 < m["unigram"]["entropy"] < np.log(m["vocab_size"])
+    assert load_manifest(str(out)) == m
+    (out / "eval" / "part-00000.parquet").write_bytes(b"cut")
+    with pytest.raises(CorpusError, match="eval/part-00000.parquet: missing or truncated"):
+        load_manifest(str(out))
+
+
+def test_heldout_share_is_checked(tiny_spm, text_files, tmp_path):
+    with pytest.raises(CorpusError, match="--heldout 0.7: expected a share"):
+        preprocess(text_files, str(tiny_spm), str(tmp_path / "o"), log=lambda *a: None, heldout=0.7)
 
 
 def test_doc_packing_invariants(ray_cluster, text_dir, tiny_spm, reference, tmp_path):

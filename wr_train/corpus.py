@@ -30,6 +30,12 @@ Packings (what one row of `seq_length` ids holds; PAD = 0):
   row is `[CLS] piece [SEP]` followed by padding (only a document's last row is short).
 Either way the non-pad ids of all rows, with the added [CLS]/[SEP] taken out, are the
 encoded documents in corpus order, each exactly once.
+
+Held out (`heldout`, default 1%): a share of the documents, chosen by a hash of their
+text, is packed the same way into `eval/part-*.parquet` (row_id from 0) instead of the
+train rows, for pretraining's evaluation. The driver counts the train rows' token ids
+(`token_counts.npy`); the manifest's `unigram` is the floor they give: the loss and
+accuracy of a model that predicts every masked token from those frequencies alone.
 """
 from __future__ import annotations
 
@@ -48,17 +54,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from wr_train import storage
-from wr_train.tokenizer import CLS, PAD, SEP, check_spm_dir, file_sha256, load_spm
+from wr_train.tokenizer import CLS, NUM_SPECIAL, PAD, SEP, check_spm_dir, file_sha256, load_spm
 
 CHUNK_BYTES = 8 << 20          # one Ray Data task reads at most this many bytes of text
 MAX_DOC_CHARS = 20_000         # longer lines are encoded in pieces (see module doc)
 ROWS_PER_SHARD = 64 * 1024
-BLOCK_ROWS = 1024              # Parquet row group = the unit the training stream shuffles
+BLOCK_ROWS = 1024              # Parquet row group = the unit the training stream reads
+EVAL_DIR = "eval"              # the held-out documents' rows, beside the train rows
 HEAD_BYTES = 65536             # what check_text_file looks at
 TASKS_PER_CPU = 1              # tasks in flight per CPU (more only costs memory: with
                                # outputs handed over at once, a CPU idles < 0.05 s per task)
 STAT_KEYS = ("lines", "documents", "undecodable_lines", "empty_lines", "split_long_lines",
-             "text_tokens", "non_pad_tokens")
+             "text_tokens", "non_pad_tokens", "eval_documents", "eval_text_tokens",
+             "eval_non_pad_tokens")
+HELDOUT = 0.01                 # share of documents held out as evaluation rows
 _SENTENCE_ENDS = "。！？!?；;…"
 _S3_ENV_PREFIXES = ("AWS_",)   # forwarded to the tasks (a Ray started earlier lacks them)
 
@@ -86,6 +95,9 @@ class Manifest:
     files: dict = field(default_factory=dict)     # part file -> {rows, first_row_id, row_groups, size}
     chunks: int = 0
     seconds: float = 0.0
+    heldout: float = 0.0          # share of documents held out (by a hash of their text)
+    eval: dict = field(default_factory=dict)      # the held-out rows: rows, documents, tokens, files
+    unigram: dict = field(default_factory=dict)   # the floor a model must beat (unigram_floor)
 
 
 # ---------------------------------------------------------------- input listing
@@ -364,20 +376,43 @@ def pack_rows(docs_ids: list, ends: list[bool], seq_length: int, packing: str) -
     return pack_flat(flat, lens, ends, seq_length, packing)[0]
 
 
+def heldout_pieces(texts: list[str], ends, share: float) -> np.ndarray:
+    """Which pieces belong to held-out documents (a bool per piece). A document is held
+    out when a hash of its first piece falls under `share`: the choice depends only on
+    the text, not on chunking, run or machine, and duplicates land on the same side."""
+    ends = np.asarray(ends, dtype=bool)
+    if share <= 0 or not len(texts):
+        return np.zeros(len(texts), dtype=bool)
+    firsts = np.flatnonzero(np.concatenate([[True], ends[:-1]]))
+    limit = int(share * 2 ** 64)
+    held_doc = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(texts[i].encode(), digest_size=8).digest(), "little") < limit
+         for i in firsts), dtype=bool, count=len(firsts))
+    return np.repeat(held_doc, np.diff(np.append(firsts, len(texts))))
+
+
 def chunk_rows(sp, path: str, start: int, end: int, seq_length: int, packing: str,
-               num_threads: int = 1) -> tuple[np.ndarray, dict]:
-    """One chunk, read -> clean -> encode -> pack: (rows, counts by STAT_KEYS)."""
+               num_threads: int = 1, heldout: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One chunk, read -> clean -> encode -> pack: (train rows, held-out rows, counts by
+    STAT_KEYS). A `heldout` share of the documents is packed apart as evaluation rows."""
     stats = dict.fromkeys(STAT_KEYS, 0)
     texts, ends = clean_documents(read_chunk(path, start, end), stats, bom=start == 0)
     flat, lens = encode_texts(sp, texts, num_threads)
-    rows, n_docs = pack_flat(flat, lens, ends, seq_length, packing)
-    stats["empty_lines"] += sum(ends) - n_docs      # lines that encode to nothing
-    stats["lines"] -= sum(ends) - n_docs
-    stats["documents"] = n_docs
-    stats["text_tokens"] = len(flat)
-    added = len(rows) + n_docs if packing == "full" else 2 * len(rows)
-    stats["non_pad_tokens"] = len(flat) + added
-    return rows, stats
+    ends = np.asarray(ends, dtype=bool)
+    held = heldout_pieces(texts, ends, heldout)
+    out = []
+    for prefix, sel in (("", ~held), ("eval_", held)):
+        part = flat if sel.all() else flat[np.repeat(sel, lens)]
+        rows, n_docs = pack_flat(part, lens[sel], ends[sel], seq_length, packing)
+        added = len(rows) + n_docs if packing == "full" else 2 * len(rows)
+        stats[prefix + "documents"] = n_docs
+        stats[prefix + "text_tokens"] = len(part)
+        stats[prefix + "non_pad_tokens"] = len(part) + added
+        out.append(rows)
+    empty = int(ends.sum()) - stats["documents"] - stats["eval_documents"]
+    stats["empty_lines"] += empty      # lines that encode to nothing
+    stats["lines"] -= empty
+    return out[0], out[1], stats
 
 
 _SPM_CACHE: dict = {}
@@ -393,24 +428,27 @@ def _processor(model_proto: bytes):
 
 
 def encode_and_pack(batch: dict, model_proto: bytes, seq_length: int, packing: str,
-                    env: dict | None = None) -> pa.Table:
+                    heldout: float = 0.0, env: dict | None = None) -> pa.Table:
     """Ray Data task body: one chunk in, its packed rows (+ the chunk's counts) out, as an
     Arrow table whose `input_ids` is already the FixedSizeList column the shards store
     (no tensor-extension round trip on either side). The counts ride on the first row; a
-    chunk without rows sends one dummy row (real=False)."""
+    chunk without rows sends one dummy row (real=False); held-out rows come after the
+    chunk's train rows, marked heldout=True."""
     for key, value in (env or {}).items():  # S3 endpoint/credentials of the driver
         if os.environ.get(key) != value:
             os.environ[key] = value
     sp = _processor(model_proto)
     path, start, end = str(batch["path"][0]), int(batch["start"][0]), int(batch["end"][0])
-    rows, stats = chunk_rows(sp, path, start, end, seq_length, packing)
+    rows, eval_rows, stats = chunk_rows(sp, path, start, end, seq_length, packing, heldout=heldout)
+    held = np.repeat([False, True], [len(rows), len(eval_rows)])
+    rows = np.concatenate([rows, eval_rows]) if len(eval_rows) else rows
     n = len(rows)
     real = n > 0
     if not real:
-        rows, n = np.zeros((1, seq_length), dtype=np.int32), 1
+        rows, n, held = np.zeros((1, seq_length), dtype=np.int32), 1, np.zeros(1, dtype=bool)
     columns = {"input_ids": id_column(rows),
                "chunk": np.full(n, int(batch["chunk"][0]), dtype=np.int64),
-               "real": np.full(n, real)}
+               "real": np.full(n, real), "heldout": held}
     for k in STAT_KEYS:
         col = np.zeros(n, dtype=np.int64)
         col[0] = stats[k]
@@ -545,12 +583,27 @@ def _user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def unigram_floor(counts: np.ndarray) -> dict:
+    """What a model that ignores context scores on MLM targets (non-special tokens) drawn
+    from these token counts: its loss is the unigram entropy (nats), its accuracy the
+    share of the commonest token."""
+    c = np.asarray(counts, dtype=np.float64)[NUM_SPECIAL:]
+    total = c.sum()
+    if total <= 0:
+        return {"targets": 0, "entropy": 0.0, "top_token": 0, "top_fraction": 0.0}
+    p = c[c > 0] / total
+    top = int(np.argmax(c))
+    return {"targets": int(total), "entropy": round(float(-(p * np.log(p)).sum()), 6),
+            "top_token": top + NUM_SPECIAL, "top_fraction": round(float(c[top] / total), 6)}
+
+
 def preprocess(corpus: list[str], spm_dir: str, out: str, seq_length: int = 128,
                packing: str = "full", rows_per_shard: int = ROWS_PER_SHARD,
-               chunk_bytes: int = CHUNK_BYTES, log=print) -> dict:
-    """Encode and pack the corpus into OUT/part-*.parquet + OUT/spm.model +
-    OUT/manifest.json (written last); returns the manifest. Starts a local Ray unless
-    one is running (then uses it: the tasks go wherever it has CPUs)."""
+               chunk_bytes: int = CHUNK_BYTES, heldout: float = HELDOUT, log=print) -> dict:
+    """Encode and pack the corpus into OUT/part-*.parquet (+ the held-out documents'
+    rows in OUT/eval/) + OUT/spm.model + OUT/token_counts.npy + OUT/manifest.json
+    (written last); returns the manifest. Starts a local Ray unless one is running (then
+    uses it: the tasks go wherever it has CPUs)."""
     import ray
 
     t0 = time.time()
@@ -558,6 +611,8 @@ def preprocess(corpus: list[str], spm_dir: str, out: str, seq_length: int = 128,
         raise CorpusError(f"--seq-length {seq_length}: expected 8..512 (BERT positions)")
     if packing not in ("full", "doc"):
         raise CorpusError(f"--packing {packing}: expected 'full' or 'doc'")
+    if not 0 <= heldout < 0.5:
+        raise CorpusError(f"--heldout {heldout}: expected a share of documents in [0, 0.5)")
     if isinstance(corpus, str):
         corpus = [corpus]
     spm_model = str(check_spm_dir(spm_dir))
@@ -576,17 +631,19 @@ def preprocess(corpus: list[str], spm_dir: str, out: str, seq_length: int = 128,
     log(f"preprocess: {len(sources)} file(s), {total_bytes / 1e6:.1f} MB in "
         f"{len(chunks)} chunk(s) -> seq {seq_length}, packing {packing}, into {final}")
     m = Manifest(seq_length=seq_length, packing=packing, vocab_size=sp.get_piece_size(),
-                 spm_sha256=file_sha256(spm_model), chunks=len(chunks),
+                 spm_sha256=file_sha256(spm_model), chunks=len(chunks), heldout=heldout,
                  sources=[{"path": p, "bytes": s} for p, s in sources])
     totals = dict.fromkeys(STAT_KEYS, 0)
+    counts = np.zeros(m.vocab_size, dtype=np.int64)   # train tokens, for the unigram floor
     writer = ShardWriter(staging, seq_length, rows_per_shard)
+    eval_writer = ShardWriter(storage.join(staging, EVAL_DIR), seq_length, rows_per_shard)
     try:
         if not ray.is_initialized():
             ray.init(log_to_driver=False, include_dashboard=False)
         ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
             encode_and_pack, batch_size=1, batch_format="numpy", num_cpus=1 / TASKS_PER_CPU,
             fn_kwargs={"model_proto": model_proto, "seq_length": seq_length,
-                       "packing": packing, "env": _s3_env()})
+                       "packing": packing, "heldout": heldout, "env": _s3_env()})
         ctx = ds.context
         ctx.execution_options.preserve_order = True  # chunk order -> stable row_id
         ctx.enable_progress_bars = False
@@ -604,12 +661,21 @@ def preprocess(corpus: list[str], spm_dir: str, out: str, seq_length: int = 128,
                 totals[k] += int(pc.sum(batch.column(k)).as_py())
             done += len(pc.unique(batch.column("chunk")))
             real = batch.column("real")
-            writer.add(rows_of(batch if pc.all(real).as_py() else batch.filter(real)))
+            if not pc.all(real).as_py():
+                batch = batch.filter(real)
+            held = batch.column("heldout").to_numpy(zero_copy_only=False)
+            rows = rows_of(batch)
+            if held.any():
+                eval_writer.add(rows[held])
+                rows = rows[~held]
+            counts += np.bincount(rows.reshape(-1), minlength=m.vocab_size)
+            writer.add(rows)
             if time.time() - last_log > 10:
                 last_log = time.time()
                 log(f"preprocess: {done}/{len(chunks)} chunks, {writer.rows + writer.pending_rows:,} "
                     f"rows, {totals['text_tokens'] / (time.time() - t0):,.0f} tok/s")
         writer.close()
+        eval_writer.close()
         if not writer.files:
             raise CorpusError(f"--corpus {' '.join(corpus)}: empty corpus (no text lines after "
                               f"cleaning: {totals['empty_lines']} empty, "
@@ -622,6 +688,12 @@ def preprocess(corpus: list[str], spm_dir: str, out: str, seq_length: int = 128,
                                                     totals["split_long_lines"])
         m.skipped = {"undecodable_lines": totals["undecodable_lines"],
                      "empty_lines": totals["empty_lines"]}
+        m.eval = {"rows": eval_writer.rows, "documents": totals["eval_documents"],
+                  "text_tokens": totals["eval_text_tokens"],
+                  "non_pad_tokens": totals["eval_non_pad_tokens"],
+                  "files": {f"{EVAL_DIR}/{k}": v for k, v in eval_writer.files.items()}}
+        m.unigram = unigram_floor(counts)
+        storage.write_bytes(storage.join(staging, "token_counts.npy"), _npy_bytes(counts))
         m.seconds = round(time.time() - t0, 2)
         # The segmenter travels with its shards: pretraining copies it into every checkpoint.
         storage.write_bytes(storage.join(staging, "spm.model"), model_proto)
@@ -630,6 +702,7 @@ def preprocess(corpus: list[str], spm_dir: str, out: str, seq_length: int = 128,
         _publish(staging, final)
     except BaseException as e:
         writer.abort()
+        eval_writer.abort()
         _discard(staging)
         found = _user_error(e)
         if isinstance(found, CorpusError):
@@ -644,7 +717,17 @@ def preprocess(corpus: list[str], spm_dir: str, out: str, seq_length: int = 128,
     log(f"preprocess: {m.rows:,} rows × {seq_length} in {len(m.files)} shard(s), "
         f"{m.text_tokens:,} text tokens ({m.text_tokens / m.seconds:,.0f} tok/s with start-up),"
         f" pad {m.pad_fraction:.2%}, {m.documents:,} documents, skipped {m.skipped} in {m.seconds:.1f}s")
+    log(f"preprocess: held out {m.eval['documents']:,} documents ({heldout:.1%}) as {m.eval['rows']:,} "
+        f"eval rows; unigram floor {m.unigram['entropy']:.3f} nats, "
+        f"commonest token {m.unigram['top_fraction']:.1%} of targets")
     return asdict(m)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
 
 
 def _prepare_output(out: str) -> tuple[str, str]:
@@ -705,7 +788,7 @@ def load_manifest(shards: str) -> dict:
         raise CorpusError(f"{path}: not valid JSON ({e})") from None
     if "spm.model" not in listing:
         raise CorpusError(f"{shards}: not a complete shard directory (no spm.model)")
-    for name, info in manifest.get("files", {}).items():
+    for name, info in {**manifest.get("files", {}), **manifest.get("eval", {}).get("files", {})}.items():
         if listing.get(name) != info["size"]:
             raise CorpusError(f"{shards}/{name}: missing or truncated shard "
                               f"(expected {info['size']} bytes, found {listing.get(name)})")
@@ -718,3 +801,20 @@ def read_rows(shards: str, name: str) -> tuple[np.ndarray, np.ndarray]:
     fs, inner = storage.resolve(storage.join(shards, name))
     table = pq.read_table(inner, filesystem=fs)
     return table.column("row_id").to_numpy(), rows_of(table).astype(np.int64)
+
+
+def read_eval_rows(shards: str, manifest: dict, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row_id, input_ids[n, L]) of the first `limit` held-out rows (fewer if there are
+    fewer; none when preprocess held out nothing)."""
+    ids, rows, n = [], [], 0
+    for name in sorted(manifest.get("eval", {}).get("files", {})):
+        if n >= limit:
+            break
+        r, x = read_rows(shards, name)
+        ids.append(r[:limit - n])
+        rows.append(x[:limit - n])
+        n += len(ids[-1])
+    if not ids:
+        seq = manifest["seq_length"]
+        return np.zeros(0, np.int64), np.zeros((0, seq), np.int64)
+    return np.concatenate(ids), np.concatenate(rows)

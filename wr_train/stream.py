@@ -1,11 +1,14 @@
 """Each worker's stream of masked micro-batches: an order that is a pure function of
 (seed, stage, epoch, rank, world size), so a resumed run skips exactly what it saw.
 
-The unit of order is a Parquet row group (`BLOCK_ROWS` rows, written by preprocess).
-Per epoch: the blocks of all shard files are permuted with a seeded generator, worker r
-takes blocks r, r+W, r+2W, ..., and rows inside a block are permuted too. A worker reads
-one block at a time (memory does not grow with the corpus) and masks the next
-micro-batches on a background thread while the model steps.
+The unit of reading is a Parquet row group (`BLOCK_ROWS` rows, written by preprocess in
+corpus order, so one block is ~1k neighbouring rows of one source). Per epoch: the blocks
+of all shard files are permuted with a seeded generator, worker r takes blocks r, r+W,
+r+2W, ..., and mixes them `window` blocks at a time: the rows of a window's blocks are
+permuted together, so every micro-batch draws from up to `window` places spread over the
+whole corpus (measured: one block at a time learns markedly slower, bench/RESULTS.md).
+Memory holds one window (window × BLOCK_ROWS rows), whatever the corpus size; masking of
+the next micro-batches runs on a background thread while the model steps.
 """
 from __future__ import annotations
 
@@ -39,13 +42,25 @@ def epoch_blocks(blocks: list[Block], seed: int, stage: int, epoch: int, rank: i
     return [blocks[i] for i in order[rank::world]]
 
 
+DEFAULT_WINDOW = 16  # row groups mixed at a time per worker
+
+
+def epoch_windows(blocks: list[Block], seed: int, stage: int, epoch: int, rank: int, world: int,
+                  window: int) -> list[list[Block]]:
+    """This worker's blocks of an epoch, in groups of `window` whose rows are mixed."""
+    mine = epoch_blocks(blocks, seed, stage, epoch, rank, world)
+    return [mine[i:i + window] for i in range(0, len(mine), window)]
+
+
 class RowStream:
     """Yields (row_ids, input_ids) micro-batches forever; `consumed` counts rows taken."""
 
     def __init__(self, shards: str, manifest: dict, *, seed: int, stage: int, rank: int,
-                 world: int, micro_batch: int, consumed: int = 0):
+                 world: int, micro_batch: int, consumed: int = 0, window: int = DEFAULT_WINDOW):
+        if window < 1:
+            raise ValueError(f"shuffle window: expected >= 1 row group, got {window}")
         self.shards, self.seed, self.stage = shards, seed, stage
-        self.rank, self.world, self.micro_batch = rank, world, micro_batch
+        self.rank, self.world, self.micro_batch, self.window = rank, world, micro_batch, window
         self.blocks = list_blocks(shards, manifest)
         if len(self.blocks) < world:
             raise ValueError(f"{shards}: {len(self.blocks)} row group(s) cannot feed {world} workers; "
@@ -65,32 +80,39 @@ class RowStream:
         return (table.column("row_id").to_numpy(),
                 ids.flatten().to_numpy(zero_copy_only=False).reshape(-1, seq))
 
+    def _windows(self, epoch: int) -> list[list[Block]]:
+        return epoch_windows(self.blocks, self.seed, self.stage, epoch, self.rank, self.world, self.window)
+
     def _positions(self):
-        """(epoch, block index, row offset) of row number `self.consumed` of this worker."""
+        """(epoch, window index, row offset) of row number `self.consumed` of this worker."""
         epoch, left = 0, self.consumed
         while True:
-            mine = epoch_blocks(self.blocks, self.seed, self.stage, epoch, self.rank, self.world)
-            total = sum(b.rows for b in mine)
+            windows = self._windows(epoch)
+            total = sum(b.rows for w in windows for b in w)
             if left < total:
-                for i, b in enumerate(mine):
-                    if left < b.rows:
+                for i, w in enumerate(windows):
+                    rows = sum(b.rows for b in w)
+                    if left < rows:
                         return epoch, i, left
-                    left -= b.rows
+                    left -= rows
             left -= total
             epoch += 1
 
     def rows(self):
         """Yields (epoch, row_id, input_ids) one row at a time in this worker's order."""
-        epoch, start_block, offset = self._positions()
+        epoch, start, offset = self._positions()
         while True:
-            mine = epoch_blocks(self.blocks, self.seed, self.stage, epoch, self.rank, self.world)
-            for i in range(start_block, len(mine)):
-                row_ids, ids = self._read_block(mine[i])
-                perm = np.random.default_rng((self.seed, self.stage, epoch, int(row_ids[0]))).permutation(len(row_ids))
+            windows = self._windows(epoch)
+            for i in range(start, len(windows)):
+                parts = [self._read_block(b) for b in windows[i]]
+                row_ids = np.concatenate([p[0] for p in parts])
+                ids = np.concatenate([p[1] for p in parts])
+                perm = np.random.default_rng(
+                    (self.seed, self.stage, epoch, self.rank, self.world, i)).permutation(len(row_ids))
                 for j in perm[offset:]:
                     yield epoch, row_ids[j], ids[j]
                 offset = 0
-            start_block, epoch = 0, epoch + 1
+            start, epoch = 0, epoch + 1
 
     def batches(self):
         """Unmasked micro-batches: (epoch array, row_ids, input_ids)."""
