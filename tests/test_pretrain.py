@@ -39,6 +39,14 @@ def test_zero2_loss_falls_and_checkpoint_is_complete(pretrained_run):
     assert 0 < m[30]["mfu"] < 1.5 and m[30]["tokens_per_s"] > 0
     # warmup 10% (3 steps) then linear decay: lr falls after the peak
     assert m[5]["lr"] > m[30]["lr"]
+    # every checkpoint evaluates the held-out rows (fixed masks) beside the unigram floor
+    from wr_train.corpus import load_manifest
+    floor = load_manifest(cfg.stages[0].shards)["unigram"]
+    assert [s for s in sorted(m) if "eval_loss" in m[s]] == [10, 20, 30]
+    assert m[10]["eval_targets"] == m[30]["eval_targets"] > 100           # the same targets each time
+    assert m[30]["eval_loss"] < m[10]["eval_loss"]
+    assert m[30]["unigram_floor"] == floor["entropy"] and m[30]["unigram_acc"] == floor["top_fraction"]
+    assert 0 < m[30]["eval_acc"] < 1
     state = verify_complete(last)
     assert state["step"] == 30 and state["world_size"] == 2
     assert any(f.startswith("ds/zero_pp_rank_1") for f in state["files"])
@@ -56,7 +64,9 @@ def test_tensorboard_events_in_run_dir(pretrained_run):
     m = metrics_of(pretrain.run_dir_of(cfg))
     assert [e.step for e in loss] == sorted(m)           # the whole history, once
     assert loss[-1].value == pytest.approx(m[30]["loss"])
-    assert {"pretrain/mlm_acc", "pretrain/lr", "pretrain/tokens_per_s", "pretrain/mfu"} <= set(events.Tags()["scalars"])
+    assert {"pretrain/mlm_acc", "pretrain/lr", "pretrain/tokens_per_s", "pretrain/mfu",
+            "pretrain/eval_loss", "pretrain/eval_acc", "pretrain/unigram_floor"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("pretrain/eval_loss")] == [10, 20, 30]
 
 
 def test_failure_inside_worker_resumes_exactly(pretrained_run, tmp_path):

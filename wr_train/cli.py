@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--seq-length", type=int, default=128)
     pp.add_argument("--packing", choices=["full", "doc"], default="full",
                     help="full: documents run on across rows (default); doc: one document per row group")
+    pp.add_argument("--heldout", type=float, default=0.01,
+                    help="share of documents packed apart as held-out eval rows (default 0.01; 0 = none)")
     pp.add_argument("--out", required=True, help="shard directory, local or s3://")
 
     t = add("pretrain", "Pretrain (or resume) a masked-LM run on Ray Train + DeepSpeed.")
@@ -168,7 +170,8 @@ def _dispatch(args) -> int:
         train_spm(args.corpus, args.out, args.vocab_size, char=args.char, input_sentence_size=args.sample)
     elif args.cmd == "preprocess":
         from wr_train.corpus import preprocess
-        preprocess(args.corpus, args.spm, args.out, seq_length=args.seq_length, packing=args.packing)
+        preprocess(args.corpus, args.spm, args.out, seq_length=args.seq_length, packing=args.packing,
+                   heldout=args.heldout)
     elif args.cmd == "pretrain":
         return pretrain_main(args)
     elif args.cmd == "export":

@@ -106,6 +106,8 @@ class PretrainConfig:
     max_failures: int = 0
     report_every: int = 10
     fail_at_step: int = 0     # fault-injection for tests/drills: rank 0 raises once at this global step
+    shuffle_window: int = 16  # row groups (of ~1k rows each) whose rows a worker mixes at a time
+    eval_rows: int = 1024     # held-out rows evaluated at every checkpoint (0 = no evaluation)
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -130,6 +132,10 @@ class PretrainConfig:
             grad_accum(st, self.workers)  # raises on inconsistent batch sizes
         if self.checkpoint_every <= 0 or self.report_every <= 0:
             raise ConfigError("checkpoint_every/report_every: expected positive step counts")
+        if self.shuffle_window < 1:
+            raise ConfigError(f"shuffle_window: expected >= 1 row group, got {self.shuffle_window}")
+        if self.eval_rows < 0:
+            raise ConfigError(f"eval_rows: expected >= 0, got {self.eval_rows}")
         return self
 
 

@@ -25,6 +25,11 @@ class ExportError(ValueError):
     pass
 
 
+# The exported config's dropout: what fine-tuning starts from (BERT's and UER's 0.1),
+# whatever the pretraining recipe used (short CPU recipes pretrain without dropout).
+FINETUNE_DROPOUT = 0.1
+
+
 def save_hf_model(mlm, spm_model: str, out_dir: str, card: str | None = None) -> Path:
     """Write config.json + model.safetensors + the tokenizer (+ README.md model card)."""
     out = Path(out_dir)
@@ -69,6 +74,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, log=print) -> Path:
         history = read_history(local)
         manifests = json.loads(Path(local, "manifests.json").read_text())
         out = Path(out_dir)
+        mlm.config.hidden_dropout_prob = mlm.config.attention_probs_dropout_prob = FINETUNE_DROPOUT
         save_hf_model(mlm, os.path.join(local, "spm.model"), str(out))
         plot = _loss_plot(history, out / "loss.png")
         (out / "README.md").write_text(model_card(cfg, state, manifests, history, plot), encoding="utf-8")
@@ -86,10 +92,19 @@ def _loss_plot(history: list[dict], path: Path) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1.5)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1.5, label="train")
+    evals = [h for h in history if "eval_loss" in h]
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", lw=1.5,
+                label="held-out eval")
+    floors = [h for h in history if "unigram_floor" in h]
+    if floors:
+        ax.axhline(floors[-1]["unigram_floor"], color="grey", ls="--", lw=1,
+                   label=f"unigram floor {floors[-1]['unigram_floor']:.2f}")
     ax.set_xlabel("step")
-    ax.set_ylabel("MLM loss")
+    ax.set_ylabel("MLM loss (nats)")
     ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -126,12 +141,22 @@ def model_card(cfg, state: dict, manifests: dict, history: list[dict], plot: str
         lines.append(f"| stage {st.name} | {st.steps:,} steps, global batch {st.global_batch}, lr {st.lr:g} |")
     if history:
         lines.append(f"| final MLM loss / accuracy | {history[-1]['loss']:.4f} / {history[-1]['mlm_acc']:.3f} |")
+    evals = [h for h in history if "eval_loss" in h]
+    if evals:
+        e = evals[-1]
+        floor = (f" (unigram floor {e['unigram_floor']:.4f}, {e['unigram_floor'] - e['eval_loss']:+.3f} below it)"
+                 if "unigram_floor" in e else "")
+        acc_floor = f" (commonest token {e['unigram_acc']:.1%})" if "unigram_acc" in e else ""
+        lines.append(f"| held-out eval loss | {e['eval_loss']:.4f}{floor} |")
+        lines.append(f"| held-out eval accuracy | {e['eval_acc']:.1%}{acc_floor} |")
     lines += ["", "## Corpus", "", "| stage | rows | seq | non-pad tokens | documents | pad |", "|---|---|---|---|---|---|"]
     for name, man in manifests.items():
         lines.append(f"| {name} | {man['rows']:,} | {man['seq_length']} | {man['non_pad_tokens']:,} | "
                      f"{man['documents']:,} | {man['pad_fraction']:.2%} |")
     if plot:
-        lines += ["", "## Loss", "", f"![MLM loss]({plot})"]
+        lines += ["", "## Loss", "", "Train loss per report; held-out eval loss at each checkpoint; the "
+                  "unigram floor is the loss of predicting every masked token from its frequency alone.",
+                  "", f"![MLM loss]({plot})"]
     return "\n".join(lines) + "\n"
 
 

@@ -79,9 +79,9 @@ def build_ds_config(cfg: PretrainConfig, stage: StageConfig, world: int) -> dict
         "weight_decay": cfg.optim.weight_decay,
         # torch's AdamW (fused on CUDA) needs no JIT build; CPU offload needs DeepSpeedCPUAdam.
         **({} if offloads["offload_optimizer"] else {"torch_adam": True})}}
-    ds["scheduler"] = {"type": "WarmupDecayLR", "params": {
-        "total_num_steps": stage.steps, "warmup_min_lr": 0.0, "warmup_max_lr": stage.lr,
-        "warmup_num_steps": max(1, int(stage.warmup * stage.steps)), "warmup_type": "linear"}}
+    # The schedule is build_engine's (HF's linear warmup + decay): DeepSpeed's WarmupDecayLR
+    # runs one step behind it (its first two steps both at lr 0; tests/test_parity.py).
+    ds.pop("scheduler", None)
     ds.setdefault("steps_per_print", 10 ** 9)
     return ds
 
@@ -98,21 +98,97 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 # ---------------------------------------------------------------- the worker loop
 
+EVAL_MASK_SEED = 20_251_201  # one seed for every run: evaluations of all runs share targets
+
+
+def build_engine(cfg: PretrainConfig, stage: StageConfig, world: int, mlm):
+    """deepspeed.initialize on the sparse-head model with the recipe's DeepSpeed config and
+    its schedule: linear warmup over `warmup` of the stage's steps, then linear decay to 0."""
+    import deepspeed
+    from transformers import get_linear_schedule_with_warmup
+
+    from wr_train.model import SparseMLM
+    warmup = max(1, int(stage.warmup * stage.steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=SparseMLM(mlm), model_parameters=param_groups(mlm, cfg.optim.weight_decay),
+        config=build_ds_config(cfg, stage, world),
+        lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup, stage.steps))
+    return engine
+
+
+def train_step(engine, batches, device):
+    """One optimizer step over `gradient_accumulation_steps` masked micro-batches from
+    `batches` ((input_ids, labels, row_ids) numpy arrays). Returns its sums on the device
+    (loss × targets, correct, targets, non-pad tokens): nothing is read back to the host."""
+    import torch
+    from wr_train.tokenizer import PAD
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for _ in range(engine.gradient_accumulation_steps()):
+        ids, labels, _ = next(batches)
+        ids_t = torch.from_numpy(ids).to(device, non_blocking=True)
+        loss, correct, n = engine(ids_t, torch.from_numpy(labels).to(device, non_blocking=True))
+        engine.backward(loss)
+        engine.step()
+        sums += torch.stack([loss.detach().double() * n, correct.double(),
+                             torch.tensor(float(n), dtype=torch.float64, device=device),
+                             (ids_t != PAD).sum().double()])
+    return sums
+
+
+def eval_set(cfg: PretrainConfig, shards: str, manifest: dict, rank: int, world: int):
+    """This rank's share of the held-out rows, masked once with the fixed eval seed:
+    (input_ids, labels), the same targets at every evaluation of every run. Every rank gets
+    the same number of rows (ZeRO-3 needs the same forward calls on every rank)."""
+    from wr_train.corpus import read_eval_rows
+    from wr_train.masking import mask_batch
+    row_ids, rows = read_eval_rows(shards, manifest, cfg.eval_rows)
+    n = len(rows) // world * world
+    if n == 0:
+        return None
+    row_ids, rows = row_ids[:n][rank::world], rows[:n][rank::world]
+    return mask_batch(rows, row_ids, epoch=0, seed=EVAL_MASK_SEED, vocab_size=manifest["vocab_size"],
+                      prob=cfg.mask.prob, span=cfg.mask.span, span_p=cfg.mask.span_p,
+                      span_max=cfg.mask.span_max)
+
+
+def evaluate(engine, data, micro_batch: int, device):
+    """(loss × targets, correct, targets) over this rank's eval rows, dropout off."""
+    import torch
+    ids, labels = data
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    engine.eval()
+    with torch.no_grad():
+        for i in range(0, len(ids), micro_batch):
+            loss, correct, n = engine(torch.from_numpy(ids[i:i + micro_batch]).to(device),
+                                      torch.from_numpy(labels[i:i + micro_batch]).to(device))
+            sums += torch.stack([loss.double() * n, correct.double(),
+                                 torch.tensor(float(n), dtype=torch.float64, device=device)])
+    engine.train()
+    return sums
+
+
+def eval_line(metrics: dict) -> str:
+    """`eval loss 7.12 (unigram floor 7.99) acc 14.0% (floor 7.2%)`"""
+    floor = metrics.get("unigram_floor")
+    text = f"eval loss {metrics['eval_loss']:.3f}"
+    text += f" (unigram floor {floor:.3f})" if floor is not None else ""
+    text += f" acc {metrics['eval_acc']:.1%}"
+    text += f" (floor {metrics['unigram_acc']:.1%})" if floor is not None else ""
+    return text
+
+
 def train_worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"]).validate()
     if not cfg.gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import numpy as np
     import ray.train
     import ray.train.torch
     import torch
     import torch.distributed as dist
 
-    from wr_train.model import SparseMLM, build_mlm, flops_per_token, keep_freed_memory, peak_flops
+    from wr_train.model import build_mlm, flops_per_token, keep_freed_memory, peak_flops
     from wr_train.stream import RowStream, masked_batches
     keep_freed_memory()  # big per-step CPU tensors reuse memory instead of fresh pages
-    from wr_train.tokenizer import PAD
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -142,7 +218,7 @@ def train_worker(loop_config: dict) -> None:
     for s in range(start_stage, len(cfg.stages)):
         stage = cfg.stages[s]
         manifest = load_manifest(stage.shards)
-        vocab = manifest["vocab_size"]
+        vocab, seq = manifest["vocab_size"], manifest["seq_length"]
         mlm = build_mlm(cfg.model, vocab, seed=cfg.seed)
         mid_stage = state is not None and s == start_stage and stage_step > 0
         if weights_from and not mid_stage:
@@ -150,9 +226,7 @@ def train_worker(loop_config: dict) -> None:
             # with a fresh optimizer and schedule, as the seed's recipe does.
             mlm.load_state_dict(fp32_weights(weights_from), strict=False)
             mlm.tie_weights()
-        engine, _, _, _ = deepspeed.initialize(
-            model=SparseMLM(mlm), model_parameters=param_groups(mlm, cfg.optim.weight_decay),
-            config=build_ds_config(cfg, stage, world))
+        engine = build_engine(cfg, stage, world, mlm)
         if mid_stage:
             engine.load_checkpoint(local_resume, tag=DS_TAG)
             rng = torch.load(os.path.join(local_resume, "rng", f"rank_{rank}.pt"), weights_only=False)
@@ -162,29 +236,25 @@ def train_worker(loop_config: dict) -> None:
         else:
             stage_step = 0
         stream = RowStream(stage.shards, manifest, seed=cfg.seed, stage=s, rank=rank, world=world,
-                           micro_batch=stage.micro_batch,
+                           micro_batch=stage.micro_batch, window=cfg.shuffle_window,
                            consumed=positions[rank] if (mid_stage and positions) else 0)
         batches = masked_batches(stream, seed=cfg.seed, vocab_size=vocab, mask_cfg=cfg.mask)
-        accum = engine.gradient_accumulation_steps()
+        held_out = eval_set(cfg, stage.shards, manifest, rank, world) if cfg.eval_rows else None
+        floor = manifest.get("unigram") or {}
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg), torch.float32)
         if peak is None:
             peak = peak_flops(device, dtype)
-        seq = manifest["seq_length"]
         log(f"stage {s + 1}/{len(cfg.stages)} {stage.name}: seq {seq}, {stage.steps} steps, global batch "
-            f"{stage.global_batch} = {stage.micro_batch} × {accum} accum × {world} workers, "
-            f"ZeRO-{engine.zero_optimization_stage()}, {resolve_precision(cfg)}, {device}")
+            f"{stage.global_batch} = {stage.micro_batch} × {engine.gradient_accumulation_steps()} accum × "
+            f"{world} workers, ZeRO-{engine.zero_optimization_stage()}, {resolve_precision(cfg)}, {device}")
+        if cfg.eval_rows and held_out is None:
+            log(f"no held-out rows in {stage.shards} (made with --heldout 0, or before it existed): "
+                f"no evaluation")
         totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss·n, correct, targets, tokens
         t_last, steps_since = time.time(), 0
         engine.train()
         while stage_step < stage.steps:
-            for _ in range(accum):
-                ids, labels, _ = next(batches)
-                ids_t = torch.from_numpy(ids).to(device)
-                loss, correct, n = engine(ids_t, torch.from_numpy(labels).to(device))
-                engine.backward(loss)
-                engine.step()
-                totals += torch.tensor([loss.item() * n, float(correct), n, float((ids_t != PAD).sum())],
-                                       dtype=torch.float64, device=device)
+            totals += train_step(engine, batches, device)
             stage_step += 1
             global_step += 1
             steps_since += 1
@@ -210,9 +280,17 @@ def train_worker(loop_config: dict) -> None:
             log(f"[{stage.name}] step {stage_step}/{stage.steps} loss {metrics['loss']:.4f} "
                 f"acc {metrics['mlm_acc']:.3f} lr {metrics['lr']:.2e} {tok_s:,.0f} tok/s "
                 f"mfu {metrics['mfu']:.1%} eta {eta:.0f}s", flush=True)
+            if save and held_out is not None:
+                ev = evaluate(engine, held_out, stage.micro_batch, device)
+                dist.all_reduce(ev)
+                e_loss, e_correct, e_targets = ev.tolist()
+                metrics.update(eval_loss=e_loss / max(e_targets, 1), eval_acc=e_correct / max(e_targets, 1),
+                               eval_targets=int(e_targets))
+                if floor:
+                    metrics.update(unigram_floor=floor["entropy"], unigram_acc=floor["top_fraction"])
+                log(f"[{stage.name}] step {stage_step}/{stage.steps} {eval_line(metrics)}")
             history.append(metrics)
             totals.zero_()
-            t_last, steps_since = time.time(), 0
             if save:
                 ckpt_dir = _save_checkpoint(engine, cfg, stage, s, stage_step, global_step,
                                             stream.consumed, history, rank, world)
@@ -223,6 +301,7 @@ def train_worker(loop_config: dict) -> None:
                     write_tensorboard(history, storage.join(run_dir, "tensorboard"))
             else:
                 ray.train.report(metrics)
+            t_last, steps_since = time.time(), 0  # evaluation and saving stay out of tok/s
         batches.close()
         del engine
         stage_step, positions = 0, None
@@ -244,8 +323,10 @@ def write_tensorboard(history: list[dict], dest: str) -> None:
     with tempfile.TemporaryDirectory(prefix="wr-tb-") as tmp:
         writer = SummaryWriter(log_dir=tmp)
         for row in history:
-            for key in ("loss", "mlm_acc", "lr", "tokens_per_s", "mfu"):
-                writer.add_scalar(f"pretrain/{key}", row[key], row["step"], walltime=row.get("time"))
+            for key in ("loss", "mlm_acc", "lr", "tokens_per_s", "mfu",
+                        "eval_loss", "eval_acc", "unigram_floor", "unigram_acc"):
+                if key in row:
+                    writer.add_scalar(f"pretrain/{key}", row[key], row["step"], walltime=row.get("time"))
         writer.close()
         storage.remove_tree(dest)
         storage.copy_tree(tmp, dest, progress=False)
@@ -437,7 +518,20 @@ def run(cfg: PretrainConfig, log=print) -> str:
     if last is None:
         ckpt, _ = latest_complete(run_dir, log=log)
         last = ckpt
+    final = last_eval(run_dir)
+    if final:
+        log(f"pretrain: step {final['step']} {eval_line(final)}")
     return last
+
+
+def last_eval(run_dir: str) -> dict | None:
+    """The run's last metrics row with a held-out evaluation (None if it has none)."""
+    path = storage.join(run_dir, "metrics.jsonl")
+    if not storage.exists(path):
+        return None
+    rows = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    evals = [r for r in rows if "eval_loss" in r]
+    return evals[-1] if evals else None
 
 
 def _root_cause(e: BaseException) -> str:
