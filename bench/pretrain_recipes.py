@@ -1,9 +1,14 @@
-"""A small measured sweep of CPU pretraining recipes on the demo shards, with the real
-trainer (`pretrain.run`: Ray Train, DeepSpeed, the stream, held-out evaluation).
+"""A small measured sweep of CPU pretraining recipes on the demo shards.
 
 Each point is the demo-tiny recipe plus overrides; the table reports the held-out eval
-loss at the end against the shards' unigram floor, the wall time of the whole run
-(Ray Train + DeepSpeed start-up included) and of the steps alone.
+loss at the end against the shards' unigram floor. Two ways to run a point:
+- `--loop real`: the real trainer (`pretrain.run`: Ray Train, DeepSpeed, the stream,
+  held-out evaluation), with the wall time of the whole run (start-up included) and of
+  the steps alone;
+- `--loop plain` (default): the same math in one process per point (SparseMLM, the
+  recipe's AdamW groups and schedule, every rank's stream and masks, the same eval rows
+  and masks; tests/test_parity.py shows the worker loop equals such a loop step for step),
+  `--parallel` points at a time with one thread each: a sweep in half the time.
 
     python bench/pretrain_recipes.py --shards demo_out/shards128 \\
         --point "lr=1e-3" "stages.0.lr=1e-3" --point "drop0" "model.dropout=0" ...
@@ -37,18 +42,123 @@ def run_point(shards: str, overrides: list[str], work: str, name: str) -> dict:
             "train_loss": rows[-1]["loss"], "tok_s": rows[-1]["tokens_per_s"]}
 
 
+def plain_point(shards: str, overrides: list[str], name: str, threads: int = 1) -> dict:
+    """The real loop's math without Ray/DeepSpeed: W ranks' micro-batches per step, their
+    losses averaged as the engines' gradient averaging does."""
+    import numpy as np
+    import torch
+
+    from wr_train import pretrain
+    from wr_train.config import grad_accum, load_config
+    from wr_train.corpus import load_manifest
+    from wr_train.model import SparseMLM, build_mlm
+    from wr_train.stream import RowStream, masked_batches
+    torch.set_num_threads(threads)
+    cfg = load_config("demo-tiny", overrides)
+    cfg.stages[0].shards = shards
+    cfg.validate()
+    stage, world = cfg.stages[0], cfg.workers
+    manifest = load_manifest(shards)
+    vocab = manifest["vocab_size"]
+    mlm = build_mlm(cfg.model, vocab, seed=cfg.seed)
+    model = SparseMLM(mlm).train()
+    opt = torch.optim.AdamW(pretrain.param_groups(mlm, cfg.optim.weight_decay), lr=stage.lr,
+                            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    sched = pretrain.lr_schedule(opt, stage)
+    streams = [masked_batches(RowStream(shards, manifest, seed=cfg.seed, stage=0, rank=r, world=world,
+                                        micro_batch=stage.micro_batch, window=cfg.shuffle_window),
+                              seed=cfg.seed, vocab_size=vocab, mask_cfg=cfg.mask) for r in range(world)]
+    parts = [pretrain.eval_set(cfg, shards, manifest, r, world) for r in range(world)]
+    held = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    accum = grad_accum(stage, world)
+    floor = manifest["unigram"]
+
+    def evaluate():
+        model.eval()
+        loss_sum = correct = n_sum = 0.0
+        with torch.no_grad():
+            for i in range(0, len(held[0]), 64):
+                loss, c, n = model(torch.from_numpy(held[0][i:i + 64]), torch.from_numpy(held[1][i:i + 64]))
+                loss_sum, correct, n_sum = loss_sum + float(loss) * n, correct + float(c), n_sum + n
+        model.train()
+        return loss_sum / n_sum, correct / n_sum
+
+    evals, t0 = {}, time.time()
+    for step in range(1, stage.steps + 1):
+        for _ in range(accum):
+            for r in range(world):
+                ids, labels, _ = next(streams[r])
+                loss, _, _ = model(torch.from_numpy(ids), torch.from_numpy(labels))
+                (loss / (accum * world)).backward()
+        torch.nn.utils.clip_grad_norm_(mlm.parameters(), cfg.optim.clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % cfg.checkpoint_every == 0 or step == stage.steps:
+            evals[step] = evaluate()
+    for s in streams:
+        s.close()
+    last = evals[stage.steps]
+    return {"name": name, "overrides": overrides, "loop": "plain", "steps": stage.steps,
+            "steps_s": round(time.time() - t0, 1), "threads": threads,
+            "rows": stage.steps * stage.global_batch, "eval_loss": last[0], "eval_acc": last[1],
+            "floor": floor["entropy"], "floor_acc": floor["top_fraction"],
+            "below_floor": floor["entropy"] - last[0],
+            "evals": {k: round(v[0], 3) for k, v in evals.items()}}
+
+
+def _plain_child(shards: str, overrides: list[str], name: str, out: str) -> None:
+    r = plain_point(shards, overrides, name)
+    with open(out, "w") as f:
+        json.dump(r, f)
+
+
+def run_plain(shards: str, points: list[list[str]], parallel: int) -> list[dict]:
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    results, pending = [], list(points)
+    running = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            point = pending.pop(0)
+            out = tempfile.mktemp(prefix="wr-recipe-", suffix=".json")
+            p = ctx.Process(target=_plain_child, args=(shards, point[1:], point[0], out))
+            p.start()
+            running.append((p, out))
+        time.sleep(1)
+        for p, out in list(running):
+            if not p.is_alive():
+                running.remove((p, out))
+                if p.exitcode == 0:
+                    results.append(json.load(open(out)))
+                    os.remove(out)
+                    yield results[-1]
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", required=True)
     ap.add_argument("--point", nargs="+", action="append", required=True,
                     help="NAME key=value ...: one recipe point (demo-tiny + these overrides)")
     ap.add_argument("--out", default="bench/out/pretrain_recipes.jsonl")
+    ap.add_argument("--loop", choices=["plain", "real"], default="plain")
+    ap.add_argument("--parallel", type=int, default=2, help="plain points run at once (one thread each)")
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    if args.loop == "plain":
+        print(f"load {os.getloadavg()[0]:.2f}", flush=True)
+        for r in run_plain(os.path.abspath(args.shards), args.point, args.parallel):
+            with open(args.out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+            print(f"{r['name']:<18} eval {r['eval_loss']:.3f} floor {r['floor']:.3f} below "
+                  f"{r['below_floor']:+.3f} acc {r['eval_acc']:.1%} steps {r['steps_s']:.0f}s "
+                  f"evals {r['evals']}", flush=True)
+        return
     import ray
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     load = os.getloadavg()[0]
     print(f"load {load:.2f}", flush=True)
     for point in args.point:

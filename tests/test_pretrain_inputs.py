@@ -14,6 +14,9 @@ from wr_train.cli import main
     (["--steps", "0"], "steps: expected a positive step count"),
     (["ds_config=nope"], "ds_config nope: no such file"),
     (["precision=fp8"], "precision: expected auto|fp32|bf16|fp16"),
+    (["shuffle_window=0"], "shuffle_window: expected >= 1 row group"),
+    (["eval_rows=-1"], "eval_rows: expected >= 0"),
+    (["stages.0.decay=0"], "stages.0.warmup / stages.0.decay: expected fractions"),
 ])
 def test_bad_config(shards128, tmp_path, capsys, args, expect):
     rc = main(["pretrain", "--shards", str(shards128), "--storage", str(tmp_path), "--name", "x",
@@ -46,6 +49,22 @@ def test_resume_with_other_worker_count_is_refused(pretrained_run, capsys):
     assert rc == 2 and "saved by 2 workers" in err and "--workers 2" in err
 
 
+def test_resume_with_other_shuffle_window_is_refused(pretrained_run, capsys):
+    cfg, _ = pretrained_run
+    rc = main(["pretrain", "--shards", cfg.stages[0].shards, "--storage", cfg.storage, "--name", cfg.name,
+               "--steps", "30", "--workers", "2", "stages.0.micro_batch=16", "stages.0.global_batch=32",
+               "shuffle_window=3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "shuffle_window 16" in err and "shuffle_window=16" in err, err
+
+
+def test_eval_line_reads_against_the_floor():
+    from wr_train.pretrain import eval_line
+    line = eval_line({"eval_loss": 7.1234, "eval_acc": 0.14, "unigram_floor": 7.988, "unigram_acc": 0.0718})
+    assert line == "eval loss 7.123 (unigram floor 7.988) acc 14.0% (floor 7.2%)"
+    assert eval_line({"eval_loss": 7.1, "eval_acc": 0.1}) == "eval loss 7.100 acc 10.0%"
+
+
 def test_overrides_may_stand_between_flags():
     from wr_train.cli import _parser, parse_with_overrides, pretrain_config
     args = parse_with_overrides(_parser(), ["pretrain", "--config", "demo-tiny", "zero_stage=3",
@@ -55,3 +74,26 @@ def test_overrides_may_stand_between_flags():
     assert (cfg.zero_stage, cfg.workers, cfg.stages[0].lr, cfg.name) == (3, 1, 0.001, "x")
     with pytest.raises(SystemExit):
         parse_with_overrides(_parser(), ["pretrain", "--config", "demo-tiny", "--bogus", "1"])
+
+
+def test_lr_schedule_is_hf_linear_or_holds_then_decays():
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from wr_train.config import StageConfig
+    from wr_train.pretrain import lr_schedule
+
+    def lrs(make, steps):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched, out = make(opt), []
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+    st = StageConfig(steps=40, warmup=0.1)
+    assert lrs(lambda o: lr_schedule(o, st), 40) == pytest.approx(
+        lrs(lambda o: get_linear_schedule_with_warmup(o, 4, 40), 40))
+    held = lrs(lambda o: lr_schedule(o, StageConfig(steps=40, warmup=0.1, decay=0.25)), 40)
+    assert held[:5] == [0.0, 0.25, 0.5, 0.75, 1.0] and set(held[4:30]) == {1.0}
+    assert held[30:] == pytest.approx([1 - i / 10 for i in range(10)])

@@ -72,6 +72,8 @@ class StageConfig:
     micro_batch: int = 64     # sequences per worker per forward pass
     lr: float = 1e-4
     warmup: float = 0.1       # fraction of the stage's steps
+    decay: float = 1.0        # the lr falls linearly to 0 over this last fraction of the steps
+                              # (1.0: from the end of warmup on, BERT's; less: constant between)
 
 
 @dataclass
@@ -130,6 +132,9 @@ class PretrainConfig:
             if not st.shards:
                 raise ConfigError(f"{key}.shards: expected a shard directory (made by `wr-train preprocess`)")
             grad_accum(st, self.workers)  # raises on inconsistent batch sizes
+            if not 0 <= st.warmup < 1 or not 0 < st.decay <= 1:
+                raise ConfigError(f"{key}.warmup / {key}.decay: expected fractions of the steps, "
+                                  f"0 <= warmup < 1 and 0 < decay <= 1 (got {st.warmup}, {st.decay})")
         if self.checkpoint_every <= 0 or self.report_every <= 0:
             raise ConfigError("checkpoint_every/report_every: expected positive step counts")
         if self.shuffle_window < 1:

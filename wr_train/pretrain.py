@@ -99,21 +99,37 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 # ---------------------------------------------------------------- the worker loop
 
 EVAL_MASK_SEED = 20_251_201  # one seed for every run: evaluations of all runs share targets
+EVAL_MASK_PROB = 0.15        # BERT's token masking, whatever a recipe trains with: comparable runs
 
 
 def build_engine(cfg: PretrainConfig, stage: StageConfig, world: int, mlm):
     """deepspeed.initialize on the sparse-head model with the recipe's DeepSpeed config and
-    its schedule: linear warmup over `warmup` of the stage's steps, then linear decay to 0."""
+    its schedule (lr_schedule)."""
     import deepspeed
-    from transformers import get_linear_schedule_with_warmup
 
     from wr_train.model import SparseMLM
-    warmup = max(1, int(stage.warmup * stage.steps))
     engine, _, _, _ = deepspeed.initialize(
         model=SparseMLM(mlm), model_parameters=param_groups(mlm, cfg.optim.weight_decay),
-        config=build_ds_config(cfg, stage, world),
-        lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup, stage.steps))
+        config=build_ds_config(cfg, stage, world), lr_scheduler=lambda opt: lr_schedule(opt, stage))
     return engine
+
+
+def lr_schedule(optimizer, stage: StageConfig):
+    """Linear warmup over `warmup` of the steps, then linear decay to 0 over the last
+    `decay` of them, constant in between. decay=1 is HF's get_linear_schedule_with_warmup
+    (decay from the end of warmup on), step for step."""
+    import torch
+    total = stage.steps
+    warm = max(1, int(stage.warmup * total))
+    start = warm if stage.decay >= 1 else max(warm, total - max(1, int(stage.decay * total)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return step / warm
+        if step < start:
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - start))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def train_step(engine, batches, device):
@@ -136,8 +152,9 @@ def train_step(engine, batches, device):
 
 
 def eval_set(cfg: PretrainConfig, shards: str, manifest: dict, rank: int, world: int):
-    """This rank's share of the held-out rows, masked once with the fixed eval seed:
-    (input_ids, labels), the same targets at every evaluation of every run. Every rank gets
+    """This rank's share of the held-out rows, masked once with the fixed eval seed and
+    BERT's 15%: (input_ids, labels), the same targets at every evaluation of every run
+    (whatever masking the recipe trains with). Every rank gets
     the same number of rows (ZeRO-3 needs the same forward calls on every rank)."""
     from wr_train.corpus import read_eval_rows
     from wr_train.masking import mask_batch
@@ -147,8 +164,7 @@ def eval_set(cfg: PretrainConfig, shards: str, manifest: dict, rank: int, world:
         return None
     row_ids, rows = row_ids[:n][rank::world], rows[:n][rank::world]
     return mask_batch(rows, row_ids, epoch=0, seed=EVAL_MASK_SEED, vocab_size=manifest["vocab_size"],
-                      prob=cfg.mask.prob, span=cfg.mask.span, span_p=cfg.mask.span_p,
-                      span_max=cfg.mask.span_max)
+                      prob=EVAL_MASK_PROB)
 
 
 def evaluate(engine, data, micro_batch: int, device):
@@ -493,6 +509,10 @@ def run(cfg: PretrainConfig, log=print) -> str:
         if state["world_size"] != cfg.workers:
             raise CheckpointError(f"{ckpt}: saved by {state['world_size']} workers; resume with "
                                   f"--workers {state['world_size']} (data positions are per worker)")
+        window = state["config"].get("shuffle_window", 1)  # runs before the window read 1 group at a time
+        if window != cfg.shuffle_window:
+            raise CheckpointError(f"{ckpt}: saved with shuffle_window {window}; resume with "
+                                  f"shuffle_window={window} (the data order depends on it)")
         log(f"pretrain: resuming {run_dir} from step {state['step']}")
     if not ray.is_initialized():
         ray.init(log_to_driver=True, include_dashboard=False,
