@@ -97,3 +97,37 @@ def test_lr_schedule_is_hf_linear_or_holds_then_decays():
     held = lrs(lambda o: lr_schedule(o, StageConfig(steps=40, warmup=0.1, decay=0.25)), 40)
     assert held[:5] == [0.0, 0.25, 0.5, 0.75, 1.0] and set(held[4:30]) == {1.0}
     assert held[30:] == pytest.approx([1 - i / 10 for i in range(10)])
+
+
+def test_eval_rows_show_every_target_as_mask_and_split_evenly(shards128):
+    """Held-out rows get fixed 15% targets, each shown as [MASK] (so a context-blind model
+    cannot beat the unigram floor by copying); ranks get equal, disjoint shares."""
+    import numpy as np
+
+    from tests.conftest import pretrain_cfg
+    from wr_train.corpus import load_manifest, read_eval_rows
+    from wr_train.masking import IGNORE
+    from wr_train.pretrain import eval_set
+    from wr_train.tokenizer import MASK
+    manifest = load_manifest(str(shards128))
+    cfg = pretrain_cfg(shards128, "unused", "x")
+    _, rows = read_eval_rows(str(shards128), manifest, cfg.eval_rows)
+    parts = [eval_set(cfg, str(shards128), manifest, r, 2) for r in (0, 1)]
+    assert len(parts[0][0]) == len(parts[1][0]) == len(rows) // 2 > 10
+    for r, (ids, labels) in enumerate(parts):
+        target = labels != IGNORE
+        assert (ids[target] == MASK).all() and (ids[~target] == rows[r::2][:len(ids)][~target]).all()
+        assert (labels[target] == rows[r::2][:len(ids)][target]).all()
+        assert 0.12 < target.sum() / (rows[r::2] >= 15).sum() < 0.18
+    again = eval_set(cfg, str(shards128), manifest, 0, 2)
+    assert np.array_equal(again[1], parts[0][1])      # the same targets at every evaluation
+
+
+def test_demo_summary_says_where_the_model_stands():
+    from wr_train.demo import pretrain_summary
+    at = pretrain_summary({"step": 560, "eval_loss": 8.01, "eval_acc": 0.07, "unigram_floor": 7.97,
+                           "unigram_acc": 0.0716}, 366)
+    assert "0.04 nats above the floor" in at and "not yet to read the context" in at
+    below = pretrain_summary({"step": 560, "eval_loss": 7.2, "eval_acc": 0.17, "unigram_floor": 7.97,
+                              "unigram_acc": 0.0716}, 366)
+    assert "0.77 nats below the floor" in below and "reads the context" in below

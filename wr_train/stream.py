@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from wr_train import storage
+from wr_train.config import PretrainConfig
 from wr_train.masking import mask_batch
 
 
@@ -42,7 +43,7 @@ def epoch_blocks(blocks: list[Block], seed: int, stage: int, epoch: int, rank: i
     return [blocks[i] for i in order[rank::world]]
 
 
-DEFAULT_WINDOW = 16  # row groups mixed at a time per worker
+DEFAULT_WINDOW = PretrainConfig.shuffle_window  # row groups mixed at a time per worker
 
 
 def epoch_windows(blocks: list[Block], seed: int, stage: int, epoch: int, rank: int, world: int,
