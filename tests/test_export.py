@@ -39,7 +39,7 @@ def test_export_layout_and_card(exported):
         assert (exported / name).is_file(), name
     card = (exported / "README.md").read_text()
     assert "fill-mask" in card and "L2/H128" in card and "non-pad tokens" in card and "loss.png" in card
-    assert "| held-out eval loss |" in card and "unigram floor" in card and "below it" in card
+    assert "| held-out eval loss |" in card and "unigram floor" in card and " nats " in card
     import json
     config = json.loads((exported / "config.json").read_text())
     assert config["hidden_dropout_prob"] == 0.1  # fine-tuning's dropout, whatever pretraining used

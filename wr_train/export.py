@@ -144,7 +144,8 @@ def model_card(cfg, state: dict, manifests: dict, history: list[dict], plot: str
     evals = [h for h in history if "eval_loss" in h]
     if evals:
         e = evals[-1]
-        floor = (f" (unigram floor {e['unigram_floor']:.4f}, {e['unigram_floor'] - e['eval_loss']:+.3f} below it)"
+        gap = e.get("unigram_floor", 0) - e["eval_loss"]
+        floor = (f" (unigram floor {e['unigram_floor']:.4f}: {abs(gap):.3f} nats {'below' if gap >= 0 else 'above'} it)"
                  if "unigram_floor" in e else "")
         acc_floor = f" (commonest token {e['unigram_acc']:.1%})" if "unigram_acc" in e else ""
         lines.append(f"| held-out eval loss | {e['eval_loss']:.4f}{floor} |")
