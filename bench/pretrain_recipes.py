@@ -113,27 +113,30 @@ def _plain_child(shards: str, overrides: list[str], name: str, out: str) -> None
         json.dump(r, f)
 
 
-def run_plain(shards: str, points: list[list[str]], parallel: int) -> list[dict]:
+def run_plain(shards: str, points: list[list[str]], parallel: int):
+    """Yields each plain point's result as it finishes, `parallel` child processes at a time."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
-    results, pending = [], list(points)
-    running = []
+    pending, running = list(points), []
     while pending or running:
         while pending and len(running) < parallel:
             point = pending.pop(0)
             out = tempfile.mktemp(prefix="wr-recipe-", suffix=".json")
             p = ctx.Process(target=_plain_child, args=(shards, point[1:], point[0], out))
             p.start()
-            running.append((p, out))
+            running.append((p, out, point[0]))
         time.sleep(1)
-        for p, out in list(running):
-            if not p.is_alive():
-                running.remove((p, out))
-                if p.exitcode == 0:
-                    results.append(json.load(open(out)))
-                    os.remove(out)
-                    yield results[-1]
-    return results
+        for p, out, name in list(running):
+            if p.is_alive():
+                continue
+            running.remove((p, out, name))
+            if p.exitcode != 0:
+                print(f"{name}: failed (exit code {p.exitcode})", flush=True)
+                continue
+            with open(out) as f:
+                result = json.load(f)
+            os.remove(out)
+            yield result
 
 
 def main() -> None:
