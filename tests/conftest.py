@@ -47,7 +47,8 @@ def ray_local(s3):
     an instance profile."""
     import ray
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+        # the dashboard serves the state API Ray Train's placement-group cleaner polls
+        ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     yield ray
 

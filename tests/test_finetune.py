@@ -123,7 +123,7 @@ def test_cli_finetune(demo_dir, tiny_model, tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(model / "finetune" / "douban.json")
     assert main(args[:-5] + ["batch_size=x"]) == 2
     assert capsys.readouterr().err.strip() == \
-        "wr-train finetune: error: override batch_size: expected a number, got 'x'"
+        "wr-train finetune: error: override batch_size: expected an integer, got 'x'"
 
 
 # ---------------------------------------------------------------- grid + report (no Ray)

@@ -57,8 +57,8 @@ def hf_losses(cfg: PretrainConfig, shards: str) -> list[float]:
     for _ in range(stage.steps):
         loss_sum = targets = 0.0
         for _ in range(accum):
-            ids, labels, _ = next(batches)
-            ids_t, labels_t = torch.from_numpy(ids), torch.from_numpy(labels)
+            batch = next(batches)
+            ids_t, labels_t = batch.ids, batch.labels
             loss = mlm(input_ids=ids_t, attention_mask=(ids_t != PAD).long(), labels=labels_t).loss
             (loss / accum).backward()
             n = int((labels_t != -100).sum())
@@ -101,9 +101,11 @@ def _replay_loop(config: dict) -> None:
     batches = iter(config["micro_batches"][rank])
     losses = []
     for _ in range(cfg.stages[0].steps):
-        sums = pretrain.train_step(engine, batches, device)
+        sums, targets, _ = pretrain.train_step(engine, batches, device)
         dist.all_reduce(sums)
-        losses.append(float(sums[0] / sums[2]))
+        targets = torch.tensor([float(targets)])
+        dist.all_reduce(targets)
+        losses.append(float(sums[0] / targets[0]))
     if rank == 0:
         with open(config["out"], "w") as f:
             json.dump({"losses": losses, "zero": engine.zero_optimization_stage(),

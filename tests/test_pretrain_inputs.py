@@ -131,3 +131,37 @@ def test_demo_summary_says_where_the_model_stands():
     below = pretrain_summary({"step": 560, "eval_loss": 7.2, "eval_acc": 0.17, "unigram_floor": 7.97,
                               "unigram_acc": 0.0716}, 366)
     assert "0.77 nats below the floor" in below and "reads the context" in below
+
+
+def test_recipe_values_take_their_field_types(tmp_path):
+    """PyYAML reads `1e-4` as a string and `1e3` too: a recipe's values are coerced to the
+    fields' types (the bad ones are cases of tests/test_bad_input.py)."""
+    from wr_train.config import load_config
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("seed: 7.0\nstages:\n- lr: 1e-4\n  steps: 1e3\noptim:\n  betas: [0.9, 0.98]\n"
+                      "mask:\n  span: 'yes'\nname: 2024\n")
+    cfg = load_config(str(recipe), ["stages.0.warmup=5e-2", "name=007"])
+    st = cfg.stages[0]
+    assert (st.lr, st.steps, st.warmup, cfg.seed, cfg.optim.betas, cfg.mask.span, cfg.name) == \
+        (1e-4, 1000, 0.05, 7, (0.9, 0.98), True, "007")
+    assert type(st.lr) is float and type(st.steps) is int and type(cfg.seed) is int
+
+
+def test_next_stage_weights_must_fit_exactly():
+    """A stage starts from the last stage's weights only if every key and shape matches
+    (strict=False used to start it from random weights where one did not)."""
+    from wr_train.checkpoint import CheckpointError
+    from wr_train.config import ModelConfig
+    from wr_train.model import build_mlm
+    from wr_train.pretrain import load_stage_weights
+    saved = build_mlm(ModelConfig(size="tiny"), 64, seed=1).state_dict()
+    fresh = build_mlm(ModelConfig(size="tiny"), 64, seed=2)
+    load_stage_weights(fresh, saved, "ck")
+    assert all((fresh.state_dict()[k] == v).all() for k, v in saved.items())
+    key = "bert.encoder.layer.1.output.dense.weight"
+    with pytest.raises(CheckpointError, match=f"ck: its weights do not fit .*missing \\['{key}'\\]"):
+        load_stage_weights(fresh, {k: v for k, v in saved.items() if k != key}, "ck")
+    with pytest.raises(CheckpointError, match="unexpected \\['extra'\\]"):
+        load_stage_weights(fresh, {**saved, "extra": saved[key]}, "ck")
+    with pytest.raises(CheckpointError, match=f"ck: weight {key} has shape \\(128, 128\\)"):
+        load_stage_weights(fresh, {**saved, key: saved[key][:, :128]}, "ck")

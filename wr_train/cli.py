@@ -19,6 +19,10 @@ EXAMPLES = {
 }
 
 
+VERBOSE_HELP = ("also show Ray's and DeepSpeed's own INFO lines (otherwise they go to Ray's "
+                "session logs, /tmp/ray/session_latest/logs)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wr-train",
@@ -90,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     dm = add("demo", "End to end on real text: demo data -> spm -> shards -> pretrain -> export -> fine-tune.")
     dm.add_argument("--out", default="demo_out")
     dm.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the recipe's)")
+    dm.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return p
 
 
@@ -102,6 +107,7 @@ def add_pretrain_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker, NCCL, bf16")
     t.add_argument("--storage", help="run storage: dir or s3://bucket/prefix (run goes to STORAGE/NAME)")
     t.add_argument("--name", help="run name; the same name resumes")
+    t.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     t.add_argument("overrides", nargs="*", help="key=value, e.g. zero_stage=3 stages.0.lr=3e-4")
 
 
@@ -128,8 +134,8 @@ def pretrain_config(args):
 def pretrain_main(args) -> int:
     from wr_train import pretrain
     cfg = pretrain_config(args)
-    last = pretrain.run(cfg)
-    print(last)
+    last = pretrain.run(cfg, verbose=args.verbose)
+    print(last)  # the only stdout line: ck=$(wr-train pretrain … 2>log)
     return 0
 
 
@@ -191,7 +197,7 @@ def _dispatch(args) -> int:
         finetune_main(args.model, args.task, args.data, args.out, args.overrides)
     elif args.cmd == "demo":
         from wr_train.demo import run_demo
-        run_demo(args.out, steps=args.steps)
+        run_demo(args.out, steps=args.steps, verbose=args.verbose)
     return 0
 
 

@@ -1,13 +1,16 @@
 """Plain dataclass configs: model presets, pretraining stages, optimizer and run settings.
 
 A recipe is a YAML/JSON file that fills `PretrainConfig`; `key=value` overrides use dotted
-paths (`model.size=mini`, `stages.0.steps=200`, `optim.lr=3e-4`). Validation raises
-`ConfigError` with one line that names the key and what was expected.
+paths (`model.size=mini`, `stages.0.steps=200`, `optim.lr=3e-4`). Every value, from a file or
+an override, is coerced to its field's type (int, float, bool, str, tuple); that and
+validation raise `ConfigError` with one line that names the key and what was expected.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -155,22 +158,90 @@ def grad_accum(stage: StageConfig, workers: int) -> int:
 
 
 def _from_dict(cls, data: dict, where: str):
-    """Build dataclass `cls` from a dict, refusing unknown keys by name."""
+    """Build dataclass `cls` from a dict, refusing unknown keys by name and coercing each
+    value to its field's type (YAML reads `1e-4` as a string, `2.0` as a float)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _field_types(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(f"{where}{key}: unknown key; expected one of {', '.join(fields)}")
         sub = _NESTED.get((cls, key))
         if sub is list:
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}{key}: expected a list of stages, got {type(value).__name__}")
             kwargs[key] = [_from_dict(StageConfig, v, f"{where}{key}.{i}.") for i, v in enumerate(value)]
         elif sub is not None:
             kwargs[key] = _from_dict(sub, value, f"{where}{key}.")
         else:
-            kwargs[key] = tuple(value) if key == "betas" else value
+            kwargs[key] = coerce(value, hints[key], f"{where}{key}")
     return cls(**kwargs)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    """Field name -> its real type (the annotations are strings under `from __future__`)."""
+    return typing.get_type_hints(cls)
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """`value` as a field of type `hint` (str, int, float, bool or a tuple of them), or a
+    one-line ConfigError naming `key` and the type expected."""
+    if typing.get_origin(hint) is tuple:
+        kinds = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(kinds):
+            raise ConfigError(f"{key}: expected a list of {len(kinds)} numbers, got {value!r}")
+        return tuple(coerce(v, kind, f"{key}.{i}") for i, (v, kind) in enumerate(zip(value, kinds)))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint is int:
+        return _as_int(value, key)
+    if hint is float:
+        return _as_float(value, key, "a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `name: 2024` is meant as a name
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _as_float(value: Any, key: str, expected: str) -> float:
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            pass
+    # nan/inf parse as floats, but no setting means them (an lr of nan trains nothing)
+    if number is None or not math.isfinite(number):
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+    return number
+
+
+def _as_int(value: Any, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass  # maybe `1e3` or `100.0`
+    number = _as_float(value, key, "an integer")
+    if not number.is_integer():
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    return int(number)
 
 
 _NESTED = {
@@ -202,38 +273,59 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> PretrainC
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
-    cfg = _from_dict(PretrainConfig, data, "")
+    try:
+        cfg = _from_dict(PretrainConfig, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
     for item in overrides:
         apply_override(cfg, item)
     return cfg
 
 
 def apply_override(cfg: Any, item: str) -> None:
-    """Apply one `dotted.key=value` (value parsed as YAML: numbers, bools, lists)."""
+    """Apply one `dotted.key=value`, the value coerced to the field's type as a recipe's
+    is (a string field takes the text as typed: `name=007` stays "007")."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    where = f"override {key}"
     target, parts = cfg, key.split(".")
     for part in parts[:-1]:
-        target = target[int(part)] if isinstance(target, list) else getattr(target, part, None)
-        if target is None:
-            raise ConfigError(f"override {key}: unknown key {part!r}")
+        target = _child(target, part, where)
     last = parts[-1]
-    if isinstance(target, list):
-        target[int(last)] = value
-        return
     if not dataclasses.is_dataclass(target) or last not in {f.name for f in dataclasses.fields(target)}:
-        raise ConfigError(f"override {key}: unknown key {last!r}")
-    old = getattr(target, last)
-    if isinstance(old, bool) and not isinstance(value, bool):
-        raise ConfigError(f"override {key}: expected true/false, got {raw!r}")
-    if isinstance(old, (int, float)) and not isinstance(old, bool):
+        raise ConfigError(f"{where}: unknown key {last!r}")
+    hint = _field_types(type(target))[last]
+    if dataclasses.is_dataclass(getattr(target, last)) or isinstance(getattr(target, last), list):
+        raise ConfigError(f"{where}: a group of settings, not one; set one of its keys "
+                          f"(e.g. {key}.{_first_key(getattr(target, last))}=…)")
+    if typing.get_origin(hint) is tuple:
         try:
-            value = type(old)(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"override {key}: expected a number, got {raw!r}") from None
-    setattr(target, last, value)
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"{where}: expected a list like [0.9, 0.999], got {raw!r}") from None
+    else:
+        value = raw
+    setattr(target, last, coerce(value, hint, where))
+
+
+def _child(target: Any, part: str, where: str) -> Any:
+    """One step down a dotted key: a stage by its number, or a group by its name."""
+    if isinstance(target, list):
+        if not part.isdigit() or int(part) >= len(target):
+            raise ConfigError(f"{where}: no stage {part!r}; the recipe has {len(target)} "
+                              f"stage(s), stages.0 to stages.{len(target) - 1}")
+        return target[int(part)]
+    if not dataclasses.is_dataclass(target) or not hasattr(target, part):
+        raise ConfigError(f"{where}: unknown key {part!r}")
+    child = getattr(target, part)
+    if not (dataclasses.is_dataclass(child) or isinstance(child, list)):
+        raise ConfigError(f"{where}: {part} is a single setting, it has no sub-keys")
+    return child
+
+
+def _first_key(group: Any) -> str:
+    return "0.steps" if isinstance(group, list) else dataclasses.fields(group)[0].name
 
 
 def to_dict(cfg: Any) -> dict:

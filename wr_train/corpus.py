@@ -54,6 +54,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from wr_train import storage
+from wr_train.local_ray import ensure_ray
 from wr_train.tokenizer import CLS, NUM_SPECIAL, PAD, SEP, check_spm_dir, file_sha256, load_spm
 
 CHUNK_BYTES = 8 << 20          # one Ray Data task reads at most this many bytes of text
@@ -638,8 +639,7 @@ def preprocess(corpus: list[str], spm_dir: str, out: str, seq_length: int = 128,
     writer = ShardWriter(staging, seq_length, rows_per_shard)
     eval_writer = ShardWriter(storage.join(staging, EVAL_DIR), seq_length, rows_per_shard)
     try:
-        if not ray.is_initialized():
-            ray.init(log_to_driver=False, include_dashboard=False)
+        ensure_ray()
         ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
             encode_and_pack, batch_size=1, batch_format="numpy", num_cpus=1 / TASKS_PER_CPU,
             fn_kwargs={"model_proto": model_proto, "seq_length": seq_length,
@@ -784,7 +784,7 @@ def load_manifest(shards: str) -> dict:
         listing = storage.list_files(shards)
     except storage.StorageError as e:
         raise CorpusError(str(e)) from None
-    except ValueError as e:
+    except json.JSONDecodeError as e:
         raise CorpusError(f"{path}: not valid JSON ({e})") from None
     if "spm.model" not in listing:
         raise CorpusError(f"{shards}: not a complete shard directory (no spm.model)")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from wr_train import pretrain
+from wr_train.local_ray import ensure_ray
 
 DEMO_VOCAB = 20_000
 DEMO_TASKS = ["douban", "chnsenticorp", "lcqmc", "tnews", "iflytek", "ocnli"]
@@ -43,8 +44,7 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def run_demo(out: str = "demo_out", steps: int | None = None) -> dict:
-    import ray
+def run_demo(out: str = "demo_out", steps: int | None = None, verbose: bool = False) -> dict:
 
     from wr_train.config import load_config
     from wr_train.corpus import preprocess
@@ -75,8 +75,7 @@ def run_demo(out: str = "demo_out", steps: int | None = None) -> dict:
     else:
         print(f"reusing {spm_dir}")
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=True, num_cpus=max(4, os.cpu_count() or 1),
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    ensure_ray(local=True, num_cpus=max(4, os.cpu_count() or 1), verbose=verbose)
 
     _banner("3/6 pack into seq-128 Parquet shards on Ray Data")
     shards = root / "shards128"
@@ -90,7 +89,7 @@ def run_demo(out: str = "demo_out", steps: int | None = None) -> dict:
     cfg.stages[0].shards = str(shards)
     if steps:
         cfg.stages[0].steps = steps
-    last = timed("pretrain", lambda: pretrain.run(cfg.validate()))
+    last = timed("pretrain", lambda: pretrain.run(cfg.validate(), verbose=verbose))
     print(f"last checkpoint: {last}")
     final = pretrain.last_eval(pretrain.run_dir_of(cfg))
 

@@ -480,6 +480,8 @@ def build_demo(out_dir: str, cache_dir: str | None = None, log=print) -> dict:
     """Build OUT/corpus/*.txt, OUT/tasks/<name>/{train,dev,test}.<ext> and
     OUT/demo_manifest.json; returns the manifest. A current manifest short-circuits."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DemoDataError(f"--out {out_dir}: exists and is not a directory")
     manifest = current_manifest(out)
     if manifest is not None:
         log(f"[demo] {out} is up to date ({manifest['corpus_chars']:,} corpus chars)")

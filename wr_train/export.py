@@ -176,12 +176,13 @@ def add_scores_to_card(model_dir: str, scores_md: str) -> bool:
 
 
 def fill_mask_table(model_dir: str, text: str, top_k: int = 5) -> str:
-    from transformers import pipeline
-
-    from wr_train.finetune import quiet_transformers
     check_hf_dir(model_dir)
     if "[MASK]" not in text:
         raise ExportError(f"text {text!r}: expected a [MASK] in it")
+    # after the checks: importing transformers' pipelines takes seconds
+    from transformers import pipeline
+
+    from wr_train.finetune import quiet_transformers
     with quiet_transformers():  # no weight-loading progress bar inside the table's output
         unmasker = pipeline("fill-mask", model=model_dir, tokenizer=model_dir)
     results = unmasker(text, top_k=top_k)
@@ -260,7 +261,12 @@ def uer_to_hf(sd: dict, layers: int, path: str = "UER checkpoint") -> dict:
 
 
 def import_uer(uer_bin: str, spm_dir: str, size: str, out_dir: str, log=print) -> Path:
+    from wr_train.config import ConfigError
     from wr_train.model import build_mlm
+    try:  # the cheapest check first: before reading a large checkpoint
+        cfg = ModelConfig(size=size).resolved()
+    except ConfigError as e:
+        raise ExportError(f"--size {size}: {e}") from None
     if not os.path.isfile(uer_bin):
         raise ExportError(f"{uer_bin}: no such file")
     try:
@@ -268,7 +274,6 @@ def import_uer(uer_bin: str, spm_dir: str, size: str, out_dir: str, log=print) -
     except Exception as e:
         raise ExportError(f"{uer_bin}: not a PyTorch state dict ({type(e).__name__})") from None
     sp = load_spm(spm_dir)
-    cfg = ModelConfig(size=size).resolved()
     mlm = build_mlm(cfg, sp.get_piece_size())
     emb = _pick(sd, ("embedding.word_embedding.weight", "embedding.word.embedding.weight"), uer_bin)
     if tuple(emb.shape) != (sp.get_piece_size(), cfg.hidden):

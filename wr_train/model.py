@@ -6,6 +6,10 @@ full [B, L, V] projection would dominate the step (UER's "sparse" MLM head).
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +41,46 @@ def build_mlm(cfg: ModelConfig, vocab_size: int, seed: int = 0):
     return model
 
 
+QUERY_BUCKET = 8  # the last layer's query length is the most targets in a row, rounded up to this
+
+
+@dataclass
+class TargetLayout:
+    """Where a micro-batch's masked targets sit, worked out on the host (the masking
+    thread has the labels in numpy already), so the step never has to ask the device:
+    coordinates, each target's slot among its row's targets, a bucketed query length and
+    the counts. Arrays are numpy, or tensors after `to()`."""
+    rows: object     # [M] row of each target (row-major order, as labels[labels != IGNORE])
+    cols: object     # [M] its position in the row
+    slot: object     # [M] its place among its row's targets: the last layer's query index
+    targets: object  # [M] the token ids to predict
+    q_len: int       # queries per row in the last layer (>= the most targets in any row)
+    n: int           # M
+    tokens: int      # non-pad tokens of the micro-batch
+    has_pad: bool    # any [PAD] (else attention runs without a mask: a faster kernel)
+
+    @staticmethod
+    def of(ids: np.ndarray, labels: np.ndarray) -> "TargetLayout":
+        where = labels != IGNORE
+        rows, cols = np.nonzero(where)
+        slot = (np.cumsum(where, axis=1) - 1)[rows, cols]
+        most = int(where.sum(axis=1).max()) if where.size else 0
+        q_len = max(QUERY_BUCKET, -(-most // QUERY_BUCKET) * QUERY_BUCKET)
+        return TargetLayout(rows, cols, slot, labels[rows, cols], q_len, int(rows.size),
+                            int((ids != PAD).sum()), bool((ids == PAD).any()))
+
+    def pinned(self) -> "TargetLayout":
+        """Its arrays as tensors in pinned host memory (for non-blocking copies to a GPU)."""
+        return dataclasses.replace(self, **{k: torch.from_numpy(np.ascontiguousarray(getattr(self, k)))
+                                            .pin_memory() for k in ("rows", "cols", "slot", "targets")})
+
+    def to(self, device) -> "TargetLayout":
+        def move(a):
+            t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+            return t.to(device, non_blocking=True)
+        return dataclasses.replace(self, **{k: move(getattr(self, k)) for k in ("rows", "cols", "slot", "targets")})
+
+
 class SparseMLM(nn.Module):
     """Wraps BertForMaskedLM; forward returns (loss, correct, n_targets).
 
@@ -51,28 +95,29 @@ class SparseMLM(nn.Module):
         super().__init__()
         self.mlm = mlm
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                layout: TargetLayout | None = None):
+        """(loss, correct, n): mean loss and correct count (device tensors) and the number
+        of targets (an int). The training step passes the host-made `layout` (no device
+        reads); given only `labels`, the layout is worked out from them here (reads them)."""
+        if layout is None:
+            layout = TargetLayout.of(input_ids.cpu().numpy(), labels.cpu().numpy()).to(input_ids.device)
         bert = self.mlm.bert
-        not_pad = input_ids != PAD
         # SDPA's boolean mask: True = attend. None when no row has padding (faster kernel).
-        key_mask = None if bool(not_pad.all()) else not_pad[:, None, None, :]
+        key_mask = (input_ids != PAD)[:, None, None, :] if layout.has_pad else None
         x = bert.embeddings(input_ids=input_ids)
         layers = bert.encoder.layer
         for layer in layers[:-1]:
             x = self._layer(layer, x, x, key_mask)
-        where = labels != IGNORE
-        rows, cols = where.nonzero(as_tuple=True)     # row-major: the order of labels[where]
-        slot = (where.cumsum(1) - 1)[rows, cols]      # a target's place among its row's targets
-        queries = x.new_zeros(x.shape[0], max(int(where.sum(1).max()), 1), x.shape[-1])
+        rows, cols, slot = layout.rows, layout.cols, layout.slot
+        queries = x.new_zeros(x.shape[0], layout.q_len, x.shape[-1])
         queries = queries.index_put((rows, slot), x[rows, cols])
         picked = self._layer(layers[-1], queries, x, key_mask)[rows, slot]   # [M, H]
         head = self.mlm.cls.predictions
         logits = head.decoder(head.transform(picked)).float()   # [M, V]
-        targets = labels[where]
-        n = targets.numel()
-        loss = F.cross_entropy(logits, targets, reduction="sum") / max(n, 1)
-        correct = (logits.argmax(-1) == targets).sum()
-        return loss, correct, n
+        loss = F.cross_entropy(logits, layout.targets, reduction="sum") / max(layout.n, 1)
+        correct = (logits.argmax(-1) == layout.targets).sum()
+        return loss, correct, layout.n
 
     def _layer(self, layer, x_q: torch.Tensor, x_kv: torch.Tensor, key_mask) -> torch.Tensor:
         """One BertLayer for the queries x_q [B, Q, H] over keys/values from x_kv [B, S, H]."""

@@ -9,6 +9,7 @@ complete checkpoint, exactly (same data order, masks, dropout RNG, optimizer, sc
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from wr_train import storage
 from wr_train.checkpoint import CheckpointError, latest_complete
 from wr_train.config import ConfigError, PretrainConfig, StageConfig, from_dict, grad_accum, to_dict
 from wr_train.corpus import CorpusError, load_manifest
+from wr_train.local_ray import ensure_ray, hide_prints, quiet_worker, train_logging_config
 
 DS_TAG = "ds"  # DeepSpeed's sub-directory inside a checkpoint
 
@@ -50,9 +52,31 @@ def resolve_precision(cfg: PretrainConfig) -> str:
     return "bf16" if cfg.gpu else "fp32"
 
 
+def ds_file_precision(ds: dict, name: str) -> str | None:
+    """The precision a DeepSpeed JSON switches on: "bf16", "fp16", or None (it sets none)."""
+    on = [p for p, keys in (("bf16", ("bf16", "bfloat16")), ("fp16", ("fp16",)))
+          if any(isinstance(ds.get(k), dict) and ds[k].get("enabled") is True for k in keys)]
+    if len(on) > 1:
+        raise ConfigError(f"ds_config {name}: enables both bf16 and fp16; expected one of them")
+    return on[0] if on else None
+
+
+def check_ds_precision(cfg: PretrainConfig, ds: dict) -> None:
+    """A user's ds_config that switches on a precision must agree with `precision`:
+    the recipe's precision is what trains, and a file saying otherwise was meant."""
+    wanted = ds_file_precision(ds, cfg.ds_config)
+    precision = resolve_precision(cfg)
+    if wanted and wanted != precision:
+        means = f" (auto: {precision} on {'GPU' if cfg.gpu else 'CPU'})" if cfg.precision == "auto" else ""
+        raise ConfigError(f"ds_config {cfg.ds_config}: enables {wanted}, but precision={cfg.precision}"
+                          f"{means} trains {precision}; set precision={wanted} or use another ds_config")
+
+
 def build_ds_config(cfg: PretrainConfig, stage: StageConfig, world: int) -> dict:
     """The shipped/named DeepSpeed JSON with the recipe's batch, optimizer and schedule."""
     ds = load_ds_file(cfg.ds_config or ("zero2_bf16" if cfg.gpu else "cpu_fp32"))
+    if cfg.ds_config:  # the defaults are picked by device only; `precision` overrides theirs
+        check_ds_precision(cfg, ds)
     accum = grad_accum(stage, world)
     precision = resolve_precision(cfg)
     ds["bf16"] = {"enabled": precision == "bf16"}
@@ -132,23 +156,25 @@ def lr_schedule(optimizer, stage: StageConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_step(engine, batches, device):
-    """One optimizer step over `gradient_accumulation_steps` masked micro-batches from
-    `batches` ((input_ids, labels, row_ids) numpy arrays). Returns its sums on the device
-    (loss × targets, correct, targets, non-pad tokens): nothing is read back to the host."""
+def train_step(engine, batches, device) -> tuple:
+    """One optimizer step over `gradient_accumulation_steps` MaskedBatch-es from `batches`.
+
+    Returns (sums, targets, tokens): loss × targets and correct predictions summed on the
+    device, and the target and non-pad token counts, which the host knew already (the
+    masking thread's TargetLayout). Nothing is read back from the device: the loop reads
+    the sums once per report (tests/test_host_reads.py holds it to that)."""
     import torch
-    from wr_train.tokenizer import PAD
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    targets = tokens = 0
     for _ in range(engine.gradient_accumulation_steps()):
-        ids, labels, _ = next(batches)
-        ids_t = torch.from_numpy(ids).to(device, non_blocking=True)
-        loss, correct, n = engine(ids_t, torch.from_numpy(labels).to(device, non_blocking=True))
+        batch = next(batches)
+        layout = batch.layout.to(device)
+        loss, correct, n = engine(batch.ids.to(device, non_blocking=True), None, layout)
         engine.backward(loss)
         engine.step()
-        sums += torch.stack([loss.detach().double() * n, correct.double(),
-                             torch.tensor(float(n), dtype=torch.float64, device=device),
-                             (ids_t != PAD).sum().double()])
-    return sums
+        sums += torch.stack([loss.detach().double() * n, correct.double()])
+        targets, tokens = targets + n, tokens + layout.tokens
+    return sums, targets, tokens
 
 
 def eval_set(cfg: PretrainConfig, shards: str, manifest: dict, rank: int, world: int):
@@ -177,17 +203,19 @@ def eval_set(cfg: PretrainConfig, shards: str, manifest: dict, rank: int, world:
 def evaluate(engine, data, micro_batch: int, device):
     """(loss × targets, correct, targets) over this rank's eval rows, dropout off."""
     import torch
+    from wr_train.model import TargetLayout
     ids, labels = data
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    targets = 0
     engine.eval()
     with torch.no_grad():
         for i in range(0, len(ids), micro_batch):
-            loss, correct, n = engine(torch.from_numpy(ids[i:i + micro_batch]).to(device),
-                                      torch.from_numpy(labels[i:i + micro_batch]).to(device))
-            sums += torch.stack([loss.double() * n, correct.double(),
-                                 torch.tensor(float(n), dtype=torch.float64, device=device)])
+            layout = TargetLayout.of(ids[i:i + micro_batch], labels[i:i + micro_batch]).to(device)
+            loss, correct, n = engine(torch.from_numpy(ids[i:i + micro_batch]).to(device), None, layout)
+            sums += torch.stack([loss.double() * n, correct.double()])
+            targets += n
     engine.train()
-    return sums
+    return torch.cat([sums, torch.tensor([float(targets)], dtype=torch.float64, device=device)])
 
 
 def eval_line(metrics: dict) -> str:
@@ -204,6 +232,8 @@ def train_worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"]).validate()
     if not cfg.gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    verbose = loop_config.get("verbose", False)
+    quiet_worker(verbose)
     import ray.train
     import ray.train.torch
     import torch
@@ -219,7 +249,7 @@ def train_worker(loop_config: dict) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     run_dir = loop_config["run_dir"]
-    log = _console_line if rank == 0 else (lambda *a, **k: None)
+    log = _stderr_line if rank == 0 else (lambda *a, **k: None)
 
     resume_dir, state, local_resume = _fetch_latest(run_dir, rank, log)
     if state and state["world_size"] != world:
@@ -236,6 +266,7 @@ def train_worker(loop_config: dict) -> None:
     if state and stage_step == cfg.stages[start_stage].steps:  # resumed at a stage's end
         start_stage, stage_step, positions = start_stage + 1, 0, None
     weights_from = local_resume  # a local copy holding the next stage's starting weights
+    weights_src = resume_dir     # ... of this checkpoint in storage (for errors)
 
     peak = None
     for s in range(start_stage, len(cfg.stages)):
@@ -247,9 +278,10 @@ def train_worker(loop_config: dict) -> None:
         if weights_from and not mid_stage:
             # A new stage starts from the last weights (fp32, gathered from any ZeRO stage)
             # with a fresh optimizer and schedule, as the seed's recipe does.
-            mlm.load_state_dict(fp32_weights(weights_from), strict=False)
+            load_stage_weights(mlm, fp32_weights(weights_from), weights_src)
             mlm.tie_weights()
-        engine = build_engine(cfg, stage, world, mlm)
+        with hide_prints(verbose):
+            engine = build_engine(cfg, stage, world, mlm)
         if mid_stage:
             engine.load_checkpoint(local_resume, tag=DS_TAG)
             rng = torch.load(os.path.join(local_resume, "rng", f"rank_{rank}.pt"), weights_only=False)
@@ -261,7 +293,8 @@ def train_worker(loop_config: dict) -> None:
         stream = RowStream(stage.shards, manifest, seed=cfg.seed, stage=s, rank=rank, world=world,
                            micro_batch=stage.micro_batch, window=cfg.shuffle_window,
                            consumed=positions[rank] if (mid_stage and positions) else 0)
-        batches = masked_batches(stream, seed=cfg.seed, vocab_size=vocab, mask_cfg=cfg.mask)
+        batches = masked_batches(stream, seed=cfg.seed, vocab_size=vocab, mask_cfg=cfg.mask,
+                                 pin=device.type == "cuda")
         held_out = eval_set(cfg, stage.shards, manifest, rank, world) if cfg.eval_rows else None
         floor = manifest.get("unigram") or {}
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg), torch.float32)
@@ -273,11 +306,14 @@ def train_worker(loop_config: dict) -> None:
         if cfg.eval_rows and held_out is None:
             log(f"no held-out rows in {stage.shards} (made with --heldout 0, or before it existed): "
                 f"no evaluation")
-        totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss·n, correct, targets, tokens
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss·n, correct: read at reports
+        counts = [0, 0]  # targets, non-pad tokens: known on the host
         t_last, steps_since = time.time(), 0
         engine.train()
         while stage_step < stage.steps:
-            totals += train_step(engine, batches, device)
+            sums, n_targets, n_tokens = train_step(engine, batches, device)
+            totals += sums
+            counts = [counts[0] + n_targets, counts[1] + n_tokens]
             stage_step += 1
             global_step += 1
             steps_since += 1
@@ -286,8 +322,9 @@ def train_worker(loop_config: dict) -> None:
             save = stage_step % cfg.checkpoint_every == 0 or stage_step == stage.steps
             if not (save or stage_step % cfg.report_every == 0):
                 continue
-            dist.all_reduce(totals)
-            loss_sum, correct_sum, targets, tokens = totals.tolist()
+            report = torch.cat([totals, torch.tensor(counts, dtype=torch.float64, device=device)])
+            dist.all_reduce(report)
+            loss_sum, correct_sum, targets, tokens = report.tolist()  # the one device read per report
             elapsed = time.time() - t_last
             tok_s = tokens / max(elapsed, 1e-9)
             mask_frac = targets / max(tokens, 1)
@@ -314,11 +351,14 @@ def train_worker(loop_config: dict) -> None:
                 log(f"[{stage.name}] step {stage_step}/{stage.steps} {eval_line(metrics)}")
             history.append(metrics)
             totals.zero_()
+            counts = [0, 0]
             if save:
                 ckpt_dir = _save_checkpoint(engine, cfg, stage, s, stage_step, global_step,
                                             stream.consumed, history, rank, world)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
                 shutil.rmtree(ckpt_dir, ignore_errors=True)  # Ray has persisted it
+                log(f"[{stage.name}] step {stage_step}/{stage.steps} checkpoint saved (global step "
+                    f"{global_step}) in {run_dir}")
                 if rank == 0:
                     storage.write_text(storage.join(run_dir, "metrics.jsonl"), _jsonl(history))
                     write_tensorboard(history, storage.join(run_dir, "tensorboard"))
@@ -334,7 +374,7 @@ def train_worker(loop_config: dict) -> None:
             dist.barrier()
             if weights_from:
                 shutil.rmtree(weights_from, ignore_errors=True)
-            _, _, weights_from = _fetch_latest(run_dir, rank, log)
+            weights_src, _, weights_from = _fetch_latest(run_dir, rank, log)
     if weights_from:
         shutil.rmtree(weights_from, ignore_errors=True)
 
@@ -355,11 +395,12 @@ def write_tensorboard(history: list[dict], dest: str) -> None:
         storage.copy_tree(tmp, dest, progress=False)
 
 
-def _console_line(*parts, **_) -> None:
-    """One line on the worker's stdout (Ray shows it on the driver). Not print(): Ray
-    Train patches print to also log it, and the console then shows every line twice."""
-    sys.stdout.write(" ".join(map(str, parts)) + "\n")
-    sys.stdout.flush()
+def _stderr_line(*parts, **_) -> None:
+    """One progress line on stderr (a worker's reaches the driver's stderr through Ray).
+    Not print(): Ray Train patches print to also log it, and the console then shows every
+    line twice; and stdout is kept for the checkpoint path `wr-train pretrain` prints."""
+    sys.stderr.write(" ".join(map(str, parts)) + "\n")
+    sys.stderr.flush()
 
 
 def _fetch_latest(run_dir: str, rank: int, log):
@@ -439,12 +480,32 @@ def fp32_weights(ckpt_dir: str, tag: str = DS_TAG) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     tag_dir = os.path.join(ckpt_dir, tag)
     if any(f.endswith("optim_states.pt") and "zero_pp_rank" in f for f in os.listdir(tag_dir)):
-        sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+        with hide_prints(verbose=False):  # it prints every shard it reads
+            sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     else:
         model_states = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"),
                                   map_location="cpu", weights_only=False)
         sd = {k: v.float() for k, v in model_states["module"].items()}
     return {k[len("mlm."):]: v for k, v in sd.items() if k.startswith("mlm.")}
+
+
+def load_stage_weights(mlm, weights: dict, source: str) -> None:
+    """Load the previous stage's weights into the next stage's model, every key and shape
+    matching. No difference is allowed: measured, both zero_to_fp32 (ZeRO 1-3) and the
+    stage-0 module states hold every key of BertForMaskedLM's state_dict, the tied decoder
+    included (its position_ids buffers are not persistent). A silent strict=False would
+    start the stage from random weights wherever a key did not match."""
+    expected = mlm.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: its weights do not fit the next stage's model "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, tensor in weights.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{source}: weight {key} has shape {tuple(tensor.shape)}, the next "
+                                  f"stage's model expects {tuple(expected[key].shape)}")
+    mlm.load_state_dict(weights, strict=True)
 
 
 def read_history(ckpt_dir: str) -> list[dict]:
@@ -495,16 +556,86 @@ def cpu_supports_fp16() -> bool:
         return False
 
 
+# What a resumed run must keep from the run that saved the checkpoint: the data order and
+# the masks are pure functions of the seed, the window and the mask settings, and the saved
+# weights and optimizer states fit only the model they were saved from.
+# key -> the value a checkpoint saved before the key existed stands for.
+RESUME_KEYS = {
+    "seed": None, "shuffle_window": 1,  # runs before the window read 1 group at a time
+    "mask.prob": None, "mask.span": None, "mask.span_p": None, "mask.span_max": None,
+    "model.size": None, "model.layers": None, "model.hidden": None, "model.heads": None,
+    "model.ffn": None, "model.max_positions": None, "model.vocab_size": None,
+}
+# What identifies a stage's shards (wherever they are now: a copy to S3 is the same set).
+SHARD_KEYS = ("rows", "seq_length", "packing", "spm_sha256")
+
+
+def check_resume(ckpt: str, state: dict, cfg: PretrainConfig) -> None:
+    """Refuse, before any worker starts, to resume `ckpt` with settings that would break
+    the exact data order or fail late: one line naming the key and both values."""
+    if state["world_size"] != cfg.workers:
+        raise CheckpointError(f"{ckpt}: saved by {state['world_size']} workers; resume with "
+                              f"--workers {state['world_size']} (data positions are per worker)")
+    saved, now = state["config"], to_dict(cfg)
+    for key, default in RESUME_KEYS.items():
+        old = _dotted(saved, key, default)
+        if old is not None and old != _dotted(now, key):
+            raise CheckpointError(f"{ckpt}: saved with {key} {old!r}, this run has {_dotted(now, key)!r}; "
+                                  f"resume with {key}={old} or start a new --name")
+    if state["stage"] >= len(cfg.stages):
+        raise CheckpointError(f"{ckpt}: saved in stage {state['stage'] + 1} ({state.get('stage_name')}), "
+                              f"this recipe has {len(cfg.stages)} stage(s)")
+    _check_resumed_shards(ckpt, state, cfg)
+
+
+def _check_resumed_shards(ckpt: str, state: dict, cfg: PretrainConfig) -> None:
+    """Each stage begun so far must read the shards it was trained on (the checkpoint's
+    manifests.json holds them by stage name)."""
+    path = storage.join(ckpt, "manifests.json")
+    if not storage.exists(path):
+        return  # a checkpoint from before manifests were saved
+    saved = json.loads(storage.read_text(path))
+    for i in range(state["stage"] + 1):
+        name = state["config"]["stages"][i]["name"]
+        if name not in saved:
+            continue
+        current = load_manifest(cfg.stages[i].shards)
+        for key in SHARD_KEYS:
+            if saved[name].get(key) != current.get(key):
+                raise CheckpointError(
+                    f"{ckpt}: stages.{i}.shards {cfg.stages[i].shards} has {key} {current.get(key)!r}, "
+                    f"the run was trained on shards with {key} {saved[name].get(key)!r}; resume with "
+                    f"those shards or start a new --name")
+
+
+def _dotted(data: dict, key: str, default=None):
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return default
+        data = data[part]
+    return data
+
+
 def run_dir_of(cfg: PretrainConfig) -> str:
     return storage.join(cfg.storage, cfg.name)
 
 
-def run(cfg: PretrainConfig, log=print) -> str:
-    """Train (or resume) the run STORAGE/NAME; returns the last checkpoint's path."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
+def with_absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
+    """A copy whose local paths mean what they meant in the user's shell: the workers run
+    in Ray's directories (in a `ray job submit` job: relative to the uploaded working_dir)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.storage = storage.absolute(cfg.storage)
+    for st in cfg.stages:
+        st.shards = storage.absolute(st.shards)
+    if cfg.ds_config and os.path.exists(cfg.ds_config):  # else a shipped config's name
+        cfg.ds_config = os.path.abspath(cfg.ds_config)
+    return cfg
 
+
+def run(cfg: PretrainConfig, log=_stderr_line, verbose: bool = False) -> str:
+    """Train (or resume) the run STORAGE/NAME; returns the last checkpoint's path.
+    Progress goes to stderr (the workers' lines too), so stdout can carry just the path."""
+    cfg = with_absolute_paths(cfg)
     preflight(cfg)
     run_dir = run_dir_of(cfg)
     try:
@@ -513,28 +644,23 @@ def run(cfg: PretrainConfig, log=print) -> str:
         raise ConfigError(f"--storage {cfg.storage}: {e}") from None
     ckpt, state = latest_complete(run_dir, log=log)
     if state:
-        if state["world_size"] != cfg.workers:
-            raise CheckpointError(f"{ckpt}: saved by {state['world_size']} workers; resume with "
-                                  f"--workers {state['world_size']} (data positions are per worker)")
-        window = state["config"].get("shuffle_window", 1)  # runs before the window read 1 group at a time
-        if window != cfg.shuffle_window:
-            raise CheckpointError(f"{ckpt}: saved with shuffle_window {window}; resume with "
-                                  f"shuffle_window={window} (the data order depends on it)")
+        check_resume(ckpt, state, cfg)
         log(f"pretrain: resuming {run_dir} from step {state['step']}")
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, include_dashboard=False,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cfg.gpu else None)
+    import ray.train  # after the checks: bad input fails before seconds of imports
+    from ray.train.torch import TorchTrainer
+    ensure_ray(gpu=cfg.gpu, verbose=verbose)
     fs, inner = storage.resolve(cfg.storage)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_dict(cfg), "run_dir": run_dir},
+        train_loop_config={"config": to_dict(cfg), "run_dir": run_dir, "verbose": verbose},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})}),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=inner, storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            logging_config=train_logging_config(verbose)),
     )
     log(f"pretrain: {cfg.model.size} model, {len(cfg.stages)} stage(s), {cfg.workers} worker(s) -> {run_dir}")
     try:

@@ -42,6 +42,14 @@ def is_s3(path) -> bool:
     return str(path).startswith("s3://")
 
 
+def absolute(path: str) -> str:
+    """A local path as the user's shell means it (absolute, ~ expanded), s3:// and "" as
+    they are: Ray workers, Tune trials and Ray jobs run in other working directories."""
+    if not path or is_s3(path):
+        return path
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
 def join(base, *parts) -> str:
     """Join path parts; for s3:// always with "/", whatever the local OS."""
     if is_s3(base):

@@ -15,12 +15,23 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from wr_train import storage
 from wr_train.config import PretrainConfig
 from wr_train.masking import mask_batch
+from wr_train.model import TargetLayout
+
+
+class MaskedBatch(NamedTuple):
+    """One masked micro-batch: input_ids and labels [B, L] (int64 tensors, in pinned
+    memory when asked), row_ids (numpy), and where the targets sit (made on the host)."""
+    ids: object
+    labels: object
+    row_ids: np.ndarray
+    layout: TargetLayout
 
 
 @dataclass(frozen=True)
@@ -124,12 +135,16 @@ class RowStream:
                    np.stack([r[2] for r in rows]))
 
 
-def masked_batches(stream: RowStream, *, seed: int, vocab_size: int, mask_cfg, prefetch: int = 4):
-    """Masked micro-batches (input_ids, labels, row_ids) computed ahead on a thread.
+def masked_batches(stream: RowStream, *, seed: int, vocab_size: int, mask_cfg, prefetch: int = 4,
+                   pin: bool = False):
+    """MaskedBatch-es computed ahead on a thread: masks, the target layout the step
+    needs (so it never reads the device), and with `pin` page-locked tensors that copy
+    to a GPU without blocking.
 
     The mask of a row depends on the epoch in which the row is seen; rows of one
     micro-batch can straddle an epoch boundary, so each row uses its own epoch.
     """
+    import torch
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
 
@@ -144,9 +159,14 @@ def masked_batches(stream: RowStream, *, seed: int, vocab_size: int, mask_cfg, p
                         ids[sel], row_ids[sel], epoch=int(e), seed=seed, vocab_size=vocab_size,
                         prob=mask_cfg.prob, span=mask_cfg.span, span_p=mask_cfg.span_p,
                         span_max=mask_cfg.span_max)
+                layout = TargetLayout.of(out_ids, labels)
+                ids_t, labels_t = torch.from_numpy(out_ids), torch.from_numpy(labels)
+                if pin:
+                    ids_t, labels_t, layout = ids_t.pin_memory(), labels_t.pin_memory(), layout.pinned()
+                batch = MaskedBatch(ids_t, labels_t, row_ids, layout)
                 while not stop.is_set():
                     try:
-                        q.put((out_ids, labels, row_ids), timeout=0.5)
+                        q.put(batch, timeout=0.5)
                         break
                     except queue.Full:
                         continue
@@ -162,7 +182,7 @@ def masked_batches(stream: RowStream, *, seed: int, vocab_size: int, mask_cfg, p
             item = q.get()
             if isinstance(item, BaseException):
                 raise item
-            stream.consumed += len(item[2])
+            stream.consumed += len(item.row_ids)
             yield item
     finally:
         stop.set()

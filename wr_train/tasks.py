@@ -269,6 +269,15 @@ def _read(path: Path, kind: str | None, split: str) -> tuple[list[_Row], str]:
     return read_clue_json(path, kind)
 
 
+def _require_labels(rows: list[_Row], path: Path, split: str) -> None:
+    """Train and dev rows all need a label (only test files may go without): found here,
+    before the label set is built from them."""
+    unlabelled = next((r for r in rows if r.label is None), None)
+    if unlabelled is not None:
+        raise TaskError(f"{path}:{unlabelled.line}: no 'label' key (every {split} row needs one; "
+                        f"only test files may go without)")
+
+
 def load_task(name: str, data_dir: str) -> Task:
     """Load a built-in task (any of its directory names) or a user task from
     `data_dir/NAME/` ({train,dev}[.tsv|.json], optional test, optional labels.json)."""
@@ -288,6 +297,8 @@ def load_task(name: str, data_dir: str) -> Task:
             raw[split] = []
             continue
         rows, kind = _read(path, kind, split)
+        if split != "test":
+            _require_labels(rows, path, split)
         kept = [r for r in rows if r.label not in SKIP_LABELS]
         if len(kept) != len(rows):
             skipped[split] = len(rows) - len(kept)
@@ -315,8 +326,6 @@ def load_task(name: str, data_dir: str) -> Task:
             return [Example(r.text_a, r.text_b, None) for r in rows]  # unlabelled test
         out = []
         for r in rows:
-            if r.label is None:
-                raise TaskError(f"{paths[split]}:{r.line}: no 'label' (a {split} row needs one)")
             if split != "train" and r.label not in train_labels:
                 raise TaskError(f"{paths[split]}:{r.line}: label {r.label!r} does not occur in "
                                 f"{paths['train'].name} (train labels: {', '.join(_label_order(train_labels))})")

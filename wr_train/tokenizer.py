@@ -97,9 +97,14 @@ def train_spm(corpus: list[str], out_dir: str, vocab_size: int = 100_000, *,
 
     import sentencepiece as spm
 
+    from wr_train.corpus import check_text_file  # corpus imports this module
     t0 = time.time()
     files = expand_local_paths(corpus)
+    for path in files:  # a binary or GBK file would otherwise train a vocab of U+FFFD
+        check_text_file(path)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise TokenizerError(f"--out {out_dir}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     n_sent = skipped = 0

@@ -41,6 +41,7 @@ from typing import Callable
 from ray import tune
 
 from wr_train import storage as store
+from wr_train.local_ray import ensure_ray
 
 SEED_EPOCHS = (3, 5, 8)
 SEED_BATCH_SIZES = (32, 64)
@@ -391,7 +392,9 @@ def run_sweep(model_dir: str, tasks, data_dir: str, storage: str | None = None,
     from wr_train.export import check_hf_dir
     from wr_train.finetune import config_from_overrides
     from wr_train.tasks import load_tasks, parse_task_list
-    storage = storage or "results"
+    # local paths as the user's shell means them: trials run in Ray's directories
+    storage = store.absolute(storage or "results")
+    model_dir, data_dir = store.absolute(str(model_dir)), store.absolute(str(data_dir))
 
     # -- everything that can be wrong with the input fails here, before Ray starts
     check_hf_dir(model_dir)
@@ -473,8 +476,7 @@ def _run_tune(pending, specs, finished, loaded, files, model_sha, base, sweep_di
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then prints no tables
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)  # attaches to the cluster when RAY_ADDRESS is set
+    ensure_ray(verbose=verbose)  # attaches to the cluster when RAY_ADDRESS is set
     resources, fits = trial_resources(ray.cluster_resources(), cpus_per_trial, gpus_per_trial)
     concurrent = max(1, min(len(pending), fits, max_concurrent or fits))
     # torch threads = the trial's whole CPUs: oversubscribed threads spin and crawl (NOTES.md)

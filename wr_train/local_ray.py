@@ -1,0 +1,87 @@
+"""Starting (or joining) Ray the way every wr-train command needs it, and keeping its
+console to wr-train's own lines.
+
+One place for `ray.init`: the dashboard stays on because Ray Train's PlacementGroupCleaner
+asks the state API (served by the dashboard) whether the controller is alive, once a
+second; without it every query fails with "State API may be temporarily unavailable".
+Ray's and DeepSpeed's chatter stays in Ray's session logs (/tmp/ray/session_latest/logs)
+unless `verbose`: the console shows what the training workers write (wr-train's progress
+lines, and errors), not the notes of Ray's own actors (the Train controller, the cleaner,
+the raylet), which Ray forwards to every driver.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+QUIET_LEVEL = logging.ERROR  # Ray's own driver logger: start-up notes, token-auth notice
+CONSOLE_SOURCES = ("RayTrainWorker",)  # Ray actors whose output the console shows
+
+
+def ensure_ray(*, local: bool = False, num_cpus: int | None = None, gpu: bool = False,
+               verbose: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS (a `ray job submit` job, or `ray start`),
+    else start a local one; `local=True` always starts a fresh local Ray (the demo).
+    Does nothing if Ray is already initialized."""
+    import ray
+    if ray.is_initialized():
+        return
+    env = {} if gpu else {"DS_ACCELERATOR": "cpu"}
+    ray.init(address="local" if local else None, num_cpus=num_cpus, include_dashboard=True,
+             log_to_driver=True, logging_level=logging.INFO if verbose else QUIET_LEVEL,
+             runtime_env={"env_vars": env} if env else None)
+    if not verbose:
+        forward_only_worker_lines()
+
+
+def forward_only_worker_lines() -> None:
+    """Show only CONSOLE_SOURCES' lines of what Ray forwards from its processes.
+
+    Ray has no public switch for this: it hands every forwarded batch to the handlers of
+    `global_worker_stdstream_dispatcher`; ours passes the training workers' batches on to
+    Ray's own printer. Another Ray version without that hook keeps Ray's console as is.
+    """
+    try:
+        from ray._private import worker as ray_worker
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        ray_print = dict(dispatcher.handlers)["ray_print_logs"]
+    except (ImportError, AttributeError, KeyError):
+        return
+
+    def print_worker_lines(data: dict) -> None:
+        if any(src in (data.get("actor_name") or "") for src in CONSOLE_SOURCES):
+            ray_print(data)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", print_worker_lines)
+
+
+def train_logging_config(verbose: bool):
+    """Ray Train's console level: its worker-group notes are INFO, and it warns with a
+    traceback whenever a resource request to its autoscaling coordinator is slow (a busy
+    CPU box); real failures come back from `fit()` and wr-train names them."""
+    import ray.train
+    return ray.train.LoggingConfig(log_level="INFO" if verbose else "ERROR")
+
+
+def quiet_worker(verbose: bool) -> None:
+    """In a training worker: DeepSpeed's INFO lines and torch.distributed's deprecation
+    warnings stay out of the console (they are about library internals, not the run)."""
+    if verbose:
+        return
+    import deepspeed  # noqa: F401  (its logger is made at import; set the level after)
+    for name in ("DeepSpeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Train's "Reporting training result N: TrainingReport(...)" is logged at INFO by
+    # a logger named after its file, i.e. under root, not under ray.train's level
+    logging.getLogger().setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed")
+
+
+def hide_prints(verbose: bool):
+    """Swallow a library's stdout prints (DeepSpeed's "op built successfully", zero_to_fp32's
+    per-shard lines): a worker's stdout reaches the driver's, which carries the result."""
+    return contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
