@@ -12,15 +12,15 @@ which calls the subcommands below in order:
 
 `run` measures outside Ray, in DeepSpeed's single-process environment (RANK=0,
 WORLD_SIZE=1, deepspeed.init_distributed), with the project's own pieces: rows packed by
-`corpus.pack_rows` from a synthetic corpus (random token "sentences", no downloads),
+`packing.pack_rows` from a synthetic corpus (random token "sentences", no downloads),
 masked by `stream.masked_batches` (the worker's masking thread, pre-collected so the
-timing holds the step alone), the engine from `pretrain.build_engine` (the recipe's
-DeepSpeed config, bf16, ZeRO-1 or ZeRO-2) stepped by `pretrain.train_step`. The HF loop:
+timing holds the step alone), the engine from `engine.build_engine` (the recipe's
+DeepSpeed config, bf16, ZeRO-1 or ZeRO-2) stepped by `engine.train_step`. The HF loop:
 `BertForMaskedLM` (SDPA attention) in bf16 autocast computing full-vocab logits with
 labels, fused torch AdamW, gradient clipping at 1.0 (as the DeepSpeed config clips).
 tokens/s counts non-pad tokens. MFU = tokens/s x `model.flops_per_token` (the FLOPs the
 sparse model needs per token; the same count for both loops, so MFU ratios are tokens/s
-ratios) over the dense bf16 peak of the card's spec sheet (`model.GPU_PEAK_BF16`, the
+ratios) over the dense bf16 peak of the card's spec sheet (`machine.GPU_PEAK_BF16`, the
 measured matmul rate where the card is not listed), and over the measured rate beside it.
 
 `--dry-run` runs the same path on a CPU (tiny model for every config, short rows, small
@@ -225,7 +225,7 @@ def synthetic_rows(vocab: int, seq: int, n_rows: int, seed: int = 0):
     ids, documents of a few sentences, packed the way preprocess packs ("full")."""
     import numpy as np
 
-    from wr_train.corpus import pack_rows
+    from wr_train.packing import pack_rows
     from wr_train.tokenizer import NUM_SPECIAL
     rng = np.random.default_rng(seed)
     pieces, ends, tokens = [], [], 0
@@ -289,7 +289,7 @@ def measure_ours(size, vocab, batches, zero, steps, warmup, device) -> dict:
     import torch
 
     from wr_train.config import PretrainConfig, StageConfig
-    from wr_train.pretrain import build_engine, train_step
+    from wr_train.engine import build_engine, train_step
     t0 = time.perf_counter()
     base_mem = _memory_start(device)
     micro = len(batches[0].ids)
@@ -326,7 +326,7 @@ def measure_hf(size, vocab, batches, steps, warmup, device) -> dict:
 
     import torch
 
-    from wr_train.pretrain import param_groups
+    from wr_train.engine import param_groups
     from wr_train.tokenizer import PAD
     t0 = time.perf_counter()
     base_mem = _memory_start(device)
@@ -450,7 +450,8 @@ def cmd_run(args) -> int:
     import transformers
 
     import deepspeed
-    from wr_train.model import GPU_PEAK_BF16, flops_per_token, keep_freed_memory, measure_matmul_flops
+    from wr_train.machine import GPU_PEAK_BF16, keep_freed_memory, measure_matmul_flops
+    from wr_train.model import flops_per_token
     from wr_train.config import ModelConfig
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

@@ -7,7 +7,7 @@ What runs, each in a fresh child process so no run inherits another's memory:
 - spm1 / spm2: spm's batch encode alone (num_threads 1 / 2) over the corpus lines already
   in memory: the ceiling for any pipeline on this machine (1x only).
 - plain:  one process, chunk by chunk: read -> clean -> encode (spm, one thread) -> pack
-  -> the same Parquet shards (`corpus.chunk_rows` + `corpus.ShardWriter`), no Ray.
+  -> the same Parquet shards (`corpus.chunk_rows` + `shards.ShardWriter`), no Ray.
 - plain2: the same loop in two forked processes, each on every other chunk (no Ray): what
   2 cores give without any framework (UER-py's preprocess works this way).
 - ray:    `corpus.preprocess` on a local Ray started with num_cpus=CPUS before the clock
@@ -85,7 +85,7 @@ def wait_until_idle(window: float = 1.0, busy_cpus: float = 0.1, timeout: float 
 def child(args) -> None:
     import numpy as np
 
-    from wr_train import corpus
+    from wr_train import corpus, text
     startup = 0.0
     if args.child == "ray":
         t_start = time.perf_counter()
@@ -109,7 +109,7 @@ def child(args) -> None:
     else:
         import pyarrow as pa
         pa.array(np.zeros(1, np.int32))  # pyarrow's lazy pandas import, outside the clock
-    files = corpus.list_sources([args.corpus])
+    files = text.list_sources([args.corpus])
     cpu0, t0 = tree_cpu_seconds(), time.perf_counter()
     if args.child == "ray":
         m = corpus.preprocess([args.corpus], args.spm, args.out, seq_length=args.seq_length,
@@ -128,7 +128,7 @@ def child(args) -> None:
         text_tokens = sum(len(a) for a in sp.encode(lines, out_type="numpy", num_threads=threads))
         rows = 0
     else:
-        chunks = corpus.plan_chunks(files)
+        chunks = text.plan_chunks(files)
         workers = 2 if args.child == "plain2" else 1
         if workers == 1:
             text_tokens, rows = plain_loop(args, chunks, args.out)
@@ -151,10 +151,10 @@ def child(args) -> None:
 
 def plain_loop(args, chunks: list[dict], out: str) -> tuple[int, int]:
     """read -> clean -> encode -> pack -> Parquet, one chunk after the other."""
-    from wr_train import corpus
+    from wr_train import corpus, shards
     from wr_train.tokenizer import load_spm
     sp = load_spm(args.spm)
-    writer = corpus.ShardWriter(out, args.seq_length, corpus.ROWS_PER_SHARD)
+    writer = shards.ShardWriter(out, args.seq_length, shards.ROWS_PER_SHARD)
     text_tokens = 0
     for c in chunks:
         rows, _, stats = corpus.chunk_rows(sp, c["path"], c["start"], c["end"], args.seq_length,
@@ -238,7 +238,7 @@ def _run_child(kind: str, corpus_dir: Path, spm: Path, args, work: Path, sample:
 
 
 def prepare(args) -> tuple[Path, Path]:
-    from wr_train.demo_data import build_demo
+    from wr_train.demo.data import build_demo
     from wr_train.tokenizer import file_sha256, train_spm
     demo = Path(args.demo) if args.demo else CACHE / "demo"
     build_demo(str(demo), log=lambda *_: None)

@@ -48,10 +48,10 @@ def plain_point(shards: str, overrides: list[str], name: str, threads: int = 1) 
     import numpy as np
     import torch
 
-    from wr_train import pretrain
     from wr_train.config import grad_accum, load_config
-    from wr_train.corpus import load_manifest
+    from wr_train.engine import eval_set, lr_schedule, param_groups
     from wr_train.model import SparseMLM, build_mlm
+    from wr_train.shards import load_manifest
     from wr_train.stream import RowStream, masked_batches
     torch.set_num_threads(threads)
     cfg = load_config("demo-tiny", overrides)
@@ -62,13 +62,13 @@ def plain_point(shards: str, overrides: list[str], name: str, threads: int = 1) 
     vocab = manifest["vocab_size"]
     mlm = build_mlm(cfg.model, vocab, seed=cfg.seed)
     model = SparseMLM(mlm).train()
-    opt = torch.optim.AdamW(pretrain.param_groups(mlm, cfg.optim.weight_decay), lr=stage.lr,
+    opt = torch.optim.AdamW(param_groups(mlm, cfg.optim.weight_decay), lr=stage.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    sched = pretrain.lr_schedule(opt, stage)
+    sched = lr_schedule(opt, stage)
     streams = [masked_batches(RowStream(shards, manifest, seed=cfg.seed, stage=0, rank=r, world=world,
                                         micro_batch=stage.micro_batch, window=cfg.shuffle_window),
                               seed=cfg.seed, vocab_size=vocab, mask_cfg=cfg.mask) for r in range(world)]
-    parts = [pretrain.eval_set(cfg, shards, manifest, r, world) for r in range(world)]
+    parts = [eval_set(cfg, shards, manifest, r, world) for r in range(world)]
     held = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     accum = grad_accum(stage, world)
     floor = manifest["unigram"]

@@ -30,16 +30,18 @@ for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "
     os.environ.setdefault(k, v)
 
 from wr_train.config import ModelConfig, PretrainConfig, StageConfig  # noqa: E402
-from wr_train.corpus import pack_rows  # noqa: E402
+from wr_train.ds_config import build_ds_config  # noqa: E402
+from wr_train.engine import param_groups  # noqa: E402
+from wr_train.machine import keep_freed_memory, peak_flops  # noqa: E402
 from wr_train.masking import mask_batch  # noqa: E402
-from wr_train.model import SparseMLM, TargetLayout, build_mlm, flops_per_token, keep_freed_memory, peak_flops  # noqa: E402
-from wr_train.pretrain import build_ds_config, param_groups  # noqa: E402
+from wr_train.model import SparseMLM, TargetLayout, build_mlm, flops_per_token  # noqa: E402
+from wr_train.packing import pack_rows  # noqa: E402
 from wr_train.tokenizer import PAD, train_spm  # noqa: E402
 
 
 def demo_rows(cache: Path, seq: int, n_rows: int) -> np.ndarray:
     """Packed rows of real demo text (spm 32k trained once into the cache)."""
-    from wr_train.demo_data import build_demo
+    from wr_train.demo.data import build_demo
     demo = cache / "demo"
     build_demo(str(demo), log=lambda *a: None)
     corpus = [str(demo / "corpus" / "peoples_daily.txt")]

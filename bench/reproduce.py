@@ -69,7 +69,8 @@ def build_tokenizers(work: Path, corpus: str, word_vocab: int) -> dict[str, Path
 
 
 def build_shards(work: Path, corpus: str, spms: dict[str, Path], seq: int) -> dict[str, dict]:
-    from wr_train.corpus import load_manifest, preprocess
+    from wr_train.corpus import preprocess
+    from wr_train.shards import load_manifest
     out = {}
     for kind, spm_dir in spms.items():
         d = work / f"shards-{kind}-{seq}"
@@ -85,9 +86,9 @@ def pretrain_model(work: Path, kind: str, size: str, shards: Path, steps: int, b
                    lr: float, workers: int) -> tuple[Path, list[dict]]:
     """Pretrain through wr-train's Ray Train job and export; (HF dir, metrics rows)."""
     from wr_train import pretrain
+    from wr_train.checkpoint import read_history
     from wr_train.config import load_config
     from wr_train.export import export_checkpoint
-    from wr_train.pretrain import read_history
     hf = work / f"hf-{kind}-{size}"
     run_name = f"{kind}-{size}"
     if not (hf / "model.safetensors").exists():
@@ -119,7 +120,8 @@ def scratch_model(work: Path, size: str, spm_dir: Path) -> Path:
 
 def sweep(work: Path, name: str, model: Path, data: str, grid: dict, seeds: int) -> dict:
     """Tune sweep over the six tasks; task -> per-seed dev/test of the best-dev configuration."""
-    from wr_train.tune import TrialSpec, read_trials, run_sweep
+    from wr_train.tune import run_sweep
+    from wr_train.tune_report import per_seed_scores
     log(f"fine-tuning {name} on {len(TASKS)} tasks × {seeds} seeds (Ray Tune)")
     report = run_sweep(str(model), TASKS, data, storage=str(work / "sweeps"), name=name,
                        epochs=grid["epochs"], batch_sizes=grid["batch_sizes"], lrs=grid["lrs"],
@@ -128,18 +130,7 @@ def sweep(work: Path, name: str, model: Path, data: str, grid: dict, seeds: int)
                        cpus_per_trial=1.0, model_name=name, log=log)
     if report["trials_run"]:
         BUILT.add(f"finetune-{name}")
-    records = read_trials(report["sweep_dir"])
-    out = {}
-    for task in TASKS:
-        best = report["best"].get(task)
-        if best is None:
-            continue
-        recs = [r for r in records.values() if r["spec"]["task"] == task
-                and TrialSpec(**r["spec"]).config_key == best["config"]]
-        out[task] = {"config": best["config"], "dev": [r["dev_acc"] for r in recs],
-                     "test": [r["test_acc"] for r in recs if r.get("test_acc") is not None],
-                     "majority": best.get("majority_dev")}
-    return out
+    return per_seed_scores(report["sweep_dir"], report["best"], TASKS)
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -354,7 +345,7 @@ def main(argv=None) -> int:
 
     import ray
 
-    from wr_train.demo_data import build_demo
+    from wr_train.demo.data import build_demo
     timed("data", lambda: build_demo(str(work / "demo"), log=log))
     corpus = str(work / "demo" / "corpus")
     spms = timed("tokenizers", lambda: build_tokenizers(work, corpus, args.word_vocab))

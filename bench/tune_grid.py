@@ -56,11 +56,12 @@ def bench(args, tmp: str) -> int:
 
     from wr_train.finetune import FinetuneConfig, finetune
     from wr_train.tasks import load_tasks, parse_task_list
-    from wr_train.tune import build_grid, parse_list, run_sweep
+    from wr_train.tune import run_sweep
+    from wr_train.tune_trials import build_grid, parse_list
 
     data = args.data
     if data is None:
-        from wr_train.demo_data import build_demo
+        from wr_train.demo.data import build_demo
         build_demo(os.path.join(tmp, "demo"), log=lambda *_: None)
         data = os.path.join(tmp, "demo", "tasks")
     model = args.model or tiny_model(os.path.dirname(data.rstrip("/")), os.path.join(tmp, "model"))

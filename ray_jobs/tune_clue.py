@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     from wr_train.cli import parse_with_overrides
     args = parse_with_overrides(parser(), argv)
     try:
-        from wr_train.tune import parse_list, run_sweep
+        from wr_train.tune import run_sweep
+        from wr_train.tune_trials import parse_list
         report = run_sweep(
             args.model, args.tasks, args.data, args.storage, args.name,
             epochs=parse_list(args.epochs, int, "--epochs"),

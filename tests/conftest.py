@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """The real demo corpus + stand-in tasks (package archives cached across sessions)."""
-    from wr_train.demo_data import build_demo
+    from wr_train.demo.data import build_demo
     out = tmp_path_factory.mktemp("demo")
     build_demo(str(out))
     return out

@@ -147,7 +147,7 @@ def resumable(ws, t: Path, saved=(), world: int = 2, rows: int | None = None) ->
     """A complete checkpoint of run x saved with overrides `saved` (by `world` workers,
     from shards of `rows` rows); returns the argv of the same run *without* them."""
     from wr_train.config import to_dict
-    from wr_train.corpus import load_manifest
+    from wr_train.shards import load_manifest
     argv = pretrain_argv(ws, t)
     cfg = cli.pretrain_config(cli.parse_with_overrides(cli._parser(), argv + list(saved)))
     manifest = load_manifest(ws.shards)

@@ -181,7 +181,7 @@ def check_pretrain_flags(argv: list[str]) -> None:
 
 
 def check_tune_flags(argv: list[str]) -> None:
-    from wr_train.tune import build_grid, parse_list
+    from wr_train.tune_trials import build_grid, parse_list
     args = parse(_load_script("ray_jobs/tune_clue.py").parser(), argv)
     build_grid(["t"], parse_list(args.epochs, int, "--epochs"),
                parse_list(args.batch_sizes, int, "--batch-sizes"),

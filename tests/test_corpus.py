@@ -1,5 +1,5 @@
-"""wr_train.corpus: chunking, cleaning and packing as pure functions; then `preprocess` on
-Ray Data against real demo text, local and s3://, with every packing invariant checked
+"""wr_train.text / packing / shards / corpus: chunking, cleaning and packing as pure
+functions; then `preprocess` on Ray Data against real demo text, local and s3://, with every packing invariant checked
 against an independent encoding of the corpus; then each bad input of issue 2 §5."""
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from wr_train import corpus, storage
-from wr_train.corpus import (BLOCK_ROWS, MAX_DOC_CHARS, CorpusError, load_manifest, pack_rows,
-                             preprocess, read_rows)
+from wr_train.corpus import preprocess
+from wr_train.packing import heldout_pieces, pack_rows
+from wr_train.shards import BLOCK_ROWS, CorpusError, ShardWriter, load_manifest, read_eval_rows, read_rows
+from wr_train.text import MAX_DOC_CHARS, clean_documents, plan_chunks, read_chunk, split_long_line
 from wr_train.tokenizer import CLS, NUM_SPECIAL, PAD, SEP, TokenizerError, file_sha256, load_spm
 
 SEQ = 64
@@ -28,8 +30,9 @@ QUIET = dict(log=lambda *a: None, heldout=0.0)  # exact round trips: every docum
 # ---------------------------------------------------------------- helpers
 
 def reference_docs(sp, files: list[str]) -> tuple[list[list[int]], dict]:
-    """The encoded documents of `files`, by the rules in corpus.py's doc, computed line by
-    line without any of preprocess's machinery (only split_long_line for > MAX_DOC_CHARS)."""
+    """The encoded documents of `files`, by the rules in text.py's and packing.py's docs,
+    computed line by line without any of preprocess's machinery (only split_long_line for
+    > MAX_DOC_CHARS)."""
     docs, stats = [], {"undecodable_lines": 0, "empty_lines": 0, "split_long_lines": 0}
     for f in files:
         data = Path(f).read_bytes()
@@ -47,7 +50,7 @@ def reference_docs(sp, files: list[str]) -> tuple[list[list[int]], dict]:
             pieces = [text]
             if len(text) > MAX_DOC_CHARS:
                 stats["split_long_lines"] += 1
-                pieces = corpus.split_long_line(text)
+                pieces = split_long_line(text)
             ids = [i for p in pieces for i in sp.encode(p)] if text else []
             if not ids:
                 stats["empty_lines"] += 1
@@ -133,9 +136,9 @@ def test_read_chunk_partitions_the_file_exactly(tmp_path):
     data = ("\n".join(lines)).encode()  # no final newline
     path.write_bytes(data)
     for chunk_bytes in (1, 7, 64, 1000, 4096, len(data), len(data) * 2):
-        chunks = corpus.plan_chunks([(str(path), len(data))], chunk_bytes)
+        chunks = plan_chunks([(str(path), len(data))], chunk_bytes)
         assert all(c["end"] - c["start"] <= chunk_bytes for c in chunks)
-        got = b"".join(corpus.read_chunk(str(path), c["start"], c["end"]) for c in chunks)
+        got = b"".join(read_chunk(str(path), c["start"], c["end"]) for c in chunks)
         assert got == data, chunk_bytes
 
 
@@ -147,7 +150,7 @@ def test_shard_writer_cuts_files_and_row_groups(tmp_path):
     for trial in range(25):
         root = tmp_path / str(trial)
         per_shard = rng.choice([700, BLOCK_ROWS, 2 * BLOCK_ROWS, 3000])
-        w = corpus.ShardWriter(str(root), 4, per_shard)
+        w = ShardWriter(str(root), 4, per_shard)
         total = 0
         for _ in range(rng.randint(0, 5)):
             n = rng.choice([0, 1, 500, BLOCK_ROWS, 2500])
@@ -170,17 +173,17 @@ def test_shard_writer_cuts_files_and_row_groups(tmp_path):
 
 def test_split_long_line_is_lossless():
     text = ("这是一个句子。" * 5000) + ("没有句号的长段" * 5000) + "结尾！"
-    pieces = corpus.split_long_line(text, max_chars=1000)
+    pieces = split_long_line(text, max_chars=1000)
     assert "".join(pieces) == text
     assert all(0 < len(p) <= 1000 for p in pieces)
     assert all(p.endswith("。") for p in pieces[:30])  # cut after sentence ends where there are some
-    assert corpus.split_long_line("短", 1000) == ["短"]
+    assert split_long_line("短", 1000) == ["短"]
 
 
 def test_clean_documents_counts():
     stats = dict.fromkeys(corpus.STAT_KEYS, 0)
     data = codecs.BOM_UTF8 + "第一行\n\n  \n 第二行 \r\n".encode() + b"\xff\xfe bad\n" + "长".encode() * (MAX_DOC_CHARS + 5) + b"\n"
-    texts, ends = corpus.clean_documents(data, stats, bom=True)
+    texts, ends = clean_documents(data, stats, bom=True)
     assert texts[:2] == ["第一行", "第二行"] and ends[:2] == [True, True]
     assert "".join(texts[2:]) == "长" * (MAX_DOC_CHARS + 5) and ends[2:] == [False, True]
     assert stats["lines"] == 3 and stats["empty_lines"] == 2 and stats["undecodable_lines"] == 1
@@ -335,7 +338,7 @@ def test_heldout_documents_are_packed_apart_with_the_floor(ray_cluster, text_dir
     assert 0.1 < ev["documents"] / len(docs) < 0.3
     assert m["text_tokens"] + ev["text_tokens"] == sum(map(len, docs))
     _, train = all_rows(str(out))
-    eval_ids, held = corpus.read_eval_rows(str(out), m, 10 ** 9)
+    eval_ids, held = read_eval_rows(str(out), m, 10 ** 9)
     assert np.array_equal(eval_ids, np.arange(ev["rows"])) and len(held) == ev["rows"]
     assert np.count_nonzero(held) == ev["non_pad_tokens"] and np.count_nonzero(train) == m["non_pad_tokens"]
     # the held-out documents are exactly those the hash picks, and the same on a rerun
@@ -347,9 +350,9 @@ def test_heldout_documents_are_packed_apart_with_the_floor(ray_cluster, text_dir
                 t = raw.decode("utf-8").strip()
             except UnicodeDecodeError:
                 continue
-            if t and sp.encode(corpus.split_long_line(t)[0]):
-                texts.append(corpus.split_long_line(t)[0])
-    picked = corpus.heldout_pieces(texts, [True] * len(texts), 0.2)
+            if t and sp.encode(split_long_line(t)[0]):
+                texts.append(split_long_line(t)[0])
+    picked = heldout_pieces(texts, [True] * len(texts), 0.2)
     assert int(picked.sum()) == ev["documents"]
     first_held = sp.encode(texts[int(np.argmax(picked))])
     n = min(len(first_held), SEQ - 1)
@@ -525,7 +528,7 @@ def test_unreachable_s3_endpoint(s3, text_files, tiny_spm, tmp_path, monkeypatch
 def test_failed_run_leaves_no_shard_dir(ray_cluster, s3, where, error, text_dir, tiny_spm, tmp_path, monkeypatch):
     """A run that dies after writing a shard (an I/O error, Ctrl-C) removes what it wrote:
     nothing is left that load_manifest would accept."""
-    write = corpus.ShardWriter._append
+    write = ShardWriter._append
     calls = []
 
     def failing_write(self, rows):
@@ -534,7 +537,7 @@ def test_failed_run_leaves_no_shard_dir(ray_cluster, s3, where, error, text_dir,
             raise error
         write(self, rows)
 
-    monkeypatch.setattr(corpus.ShardWriter, "_append", failing_write)
+    monkeypatch.setattr(ShardWriter, "_append", failing_write)
     out = (str(tmp_path / "o") if where == "local"
            else storage.join(s3.bucket("wr-corpus-tests"), f"failed-{type(error).__name__}"))
     with pytest.raises(CorpusError if isinstance(error, Exception) else KeyboardInterrupt) as e:

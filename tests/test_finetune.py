@@ -14,11 +14,12 @@ import pytest
 
 from wr_train import storage
 from wr_train.config import ConfigError
-from wr_train.export import ExportError
 from wr_train.finetune import FinetuneConfig, accuracy_f1, encode, finetune, finetune_main
+from wr_train.hf import ExportError
 from wr_train.tasks import Example, TaskError, load_task
-from wr_train.tune import SweepError, TrialSpec, aggregate, build_grid, parse_list, run_sweep, \
-    scores_markdown, trial_resources
+from wr_train.tune import run_sweep, trial_resources
+from wr_train.tune_report import aggregate, scores_markdown
+from wr_train.tune_trials import SweepError, TrialSpec, build_grid, parse_list
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and fast on 2 CPU cores; still enough signal to beat the majority class.

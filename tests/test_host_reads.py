@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from wr_train import pretrain
 from wr_train.config import MaskConfig, ModelConfig, PretrainConfig, StageConfig
+from wr_train.engine import build_engine, train_step
 from wr_train.masking import mask_batch
 from wr_train.model import SparseMLM, TargetLayout, build_mlm
 from wr_train.stream import MaskedBatch
@@ -95,7 +95,7 @@ def test_train_step_reads_nothing_back_from_the_device(one_process_group):
     model = ModelConfig(size="custom", layers=2, hidden=32, heads=2, ffn=64, max_positions=64, dropout=0.1)
     stage = StageConfig(name="s", shards="unused", steps=3, global_batch=8, micro_batch=4, lr=1e-3)
     cfg = PretrainConfig(workers=1, model=model, stages=[stage], mask=MaskConfig()).validate()
-    engine = pretrain.build_engine(cfg, stage, 1, build_mlm(cfg.model, vocab, seed=0))
+    engine = build_engine(cfg, stage, 1, build_mlm(cfg.model, vocab, seed=0))
     assert engine.gradient_accumulation_steps() == 2  # accumulation inside the guarded step too
     batches = micro_batches(6, vocab)
     guard = HostReads()
@@ -103,7 +103,7 @@ def test_train_step_reads_nothing_back_from_the_device(one_process_group):
     targets = 0
     with guard:
         for _ in range(3):
-            sums, n, _ = pretrain.train_step(engine, batches, torch.device("cpu"))
+            sums, n, _ = train_step(engine, batches, torch.device("cpu"))
             totals += sums
             targets += n
     assert not guard.ours(), f"train_step read the device back: {guard.ours()}"

@@ -75,7 +75,7 @@ def test_span_masking_picks_contiguous_spans():
 
 
 def test_stream_splits_rows_between_workers_and_resumes_exactly(shards128):
-    from wr_train.corpus import load_manifest
+    from wr_train.shards import load_manifest
     from wr_train.stream import RowStream, epoch_blocks, list_blocks
     manifest = load_manifest(str(shards128))
     total = manifest["rows"]
@@ -101,7 +101,7 @@ def test_stream_mixes_many_row_groups_in_every_batch(shards128):
     """Each micro-batch draws from across the corpus (rows of up to `window` row groups
     mixed), in an order that is a pure function of the seed; window=1 is the old
     one-group-at-a-time order, whose batches come from one or two neighbourhoods."""
-    from wr_train.corpus import BLOCK_ROWS, load_manifest
+    from wr_train.shards import BLOCK_ROWS, load_manifest
     from wr_train.stream import RowStream
     manifest = load_manifest(str(shards128))
     assert manifest["rows"] >= 8 * BLOCK_ROWS  # enough groups for the claim to mean something
@@ -122,7 +122,7 @@ def test_stream_mixes_many_row_groups_in_every_batch(shards128):
 
 
 def test_stream_window_keeps_each_row_once_per_epoch_and_resumes(shards128):
-    from wr_train.corpus import load_manifest
+    from wr_train.shards import load_manifest
     from wr_train.stream import RowStream
     manifest = load_manifest(str(shards128))
     total = manifest["rows"]

@@ -19,6 +19,7 @@ import torch
 
 from wr_train import pretrain
 from wr_train.config import PretrainConfig, StageConfig, to_dict
+from wr_train.engine import build_engine, param_groups, train_step
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +39,7 @@ def hf_losses(cfg: PretrainConfig, shards: str) -> list[float]:
     """The plain loop: BertForMaskedLM's own loss over the worker's micro-batches."""
     from transformers import get_linear_schedule_with_warmup
 
-    from wr_train.corpus import load_manifest
+    from wr_train.shards import load_manifest
     from wr_train.model import build_mlm
     from wr_train.stream import RowStream, masked_batches
     from wr_train.tokenizer import PAD
@@ -47,7 +48,7 @@ def hf_losses(cfg: PretrainConfig, shards: str) -> list[float]:
     stage = cfg.stages[0]
     accum = stage.global_batch // stage.micro_batch
     mlm = build_mlm(cfg.model, manifest["vocab_size"], seed=cfg.seed).train()
-    opt = torch.optim.AdamW(pretrain.param_groups(mlm, cfg.optim.weight_decay), lr=stage.lr,
+    opt = torch.optim.AdamW(param_groups(mlm, cfg.optim.weight_decay), lr=stage.lr,
                             betas=cfg.optim.betas, eps=cfg.optim.eps)
     sched = get_linear_schedule_with_warmup(opt, max(1, int(stage.warmup * stage.steps)), stage.steps)
     stream = RowStream(shards, manifest, seed=cfg.seed, stage=0, rank=0, world=1,
@@ -97,11 +98,11 @@ def _replay_loop(config: dict) -> None:
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     torch.set_num_threads(1)
     device = ray.train.torch.get_device()
-    engine = pretrain.build_engine(cfg, cfg.stages[0], world, build_mlm(cfg.model, config["vocab"], seed=cfg.seed))
+    engine = build_engine(cfg, cfg.stages[0], world, build_mlm(cfg.model, config["vocab"], seed=cfg.seed))
     batches = iter(config["micro_batches"][rank])
     losses = []
     for _ in range(cfg.stages[0].steps):
-        sums, targets, _ = pretrain.train_step(engine, batches, device)
+        sums, targets, _ = train_step(engine, batches, device)
         dist.all_reduce(sums)
         targets = torch.tensor([float(targets)])
         dist.all_reduce(targets)
@@ -125,7 +126,7 @@ def replay(cfg: PretrainConfig, vocab: int, micro_batches: list, out: str) -> di
 
 
 def test_two_workers_zero2_match_one_worker_on_the_same_global_batches(ray_local, shards128, tmp_path):
-    from wr_train.corpus import load_manifest
+    from wr_train.shards import load_manifest
     from wr_train.stream import RowStream, masked_batches
     manifest = load_manifest(str(shards128))
     one = parity_cfg(shards128, tmp_path, "one", workers=1)

@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import pretrain_cfg
 from wr_train import pretrain, storage
 from wr_train.checkpoint import CheckpointError, latest_complete, list_checkpoints, verify_complete
+from wr_train.ds_config import cpu_supports_fp16
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +41,7 @@ def test_zero2_loss_falls_and_checkpoint_is_complete(pretrained_run):
     # warmup 10% (3 steps) then linear decay: lr falls after the peak
     assert m[5]["lr"] > m[30]["lr"]
     # every checkpoint evaluates the held-out rows (fixed masks) beside the unigram floor
-    from wr_train.corpus import load_manifest
+    from wr_train.shards import load_manifest
     floor = load_manifest(cfg.stages[0].shards)["unigram"]
     assert [s for s in sorted(m) if "eval_loss" in m[s]] == [10, 20, 30]
     assert m[10]["eval_targets"] == m[30]["eval_targets"] > 100           # the same targets each time
@@ -133,7 +134,7 @@ def test_bf16_on_cpu(pretrained_run, tmp_path):
     assert m[10]["loss"] < m[5]["loss"] + 0.5 and m[10]["loss"] == m[10]["loss"]
 
 
-@pytest.mark.skipif(not pretrain.cpu_supports_fp16(), reason="this CPU has no fp16 kernels; "
+@pytest.mark.skipif(not cpu_supports_fp16(), reason="this CPU has no fp16 kernels; "
                     "DeepSpeed refuses fp16 here (covered by test_fp16_refused_on_cpu_without_kernels)")
 def test_fp16_loss_scaler_skips_overflow_and_resumes(pretrained_run, tmp_path):
     """An absurd initial loss scale forces overflowing steps that DeepSpeed skips; a
@@ -163,7 +164,7 @@ def test_s3_storage(pretrained_run, s3):
     assert sorted(metrics_of(f"{bucket}/runs/s3run")) == [5, 10]
 
 
-@pytest.mark.skipif(pretrain.cpu_supports_fp16(), reason="this CPU has fp16 kernels")
+@pytest.mark.skipif(cpu_supports_fp16(), reason="this CPU has fp16 kernels")
 def test_fp16_refused_on_cpu_without_kernels(shards128, tmp_path):
     from wr_train.config import ConfigError
     with pytest.raises(ConfigError, match="precision fp16: this CPU has no fp16 kernels"):

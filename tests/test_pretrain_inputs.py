@@ -59,7 +59,7 @@ def test_resume_with_other_shuffle_window_is_refused(pretrained_run, capsys):
 
 
 def test_eval_line_reads_against_the_floor():
-    from wr_train.pretrain import eval_line
+    from wr_train.engine import eval_line
     line = eval_line({"eval_loss": 7.1234, "eval_acc": 0.14, "unigram_floor": 7.988, "unigram_acc": 0.0718})
     assert line == "eval loss 7.123 (unigram floor 7.988) acc 14.0% (floor 7.2%)"
     assert eval_line({"eval_loss": 7.1, "eval_acc": 0.1}) == "eval loss 7.100 acc 10.0%"
@@ -81,7 +81,7 @@ def test_lr_schedule_is_hf_linear_or_holds_then_decays():
     from transformers import get_linear_schedule_with_warmup
 
     from wr_train.config import StageConfig
-    from wr_train.pretrain import lr_schedule
+    from wr_train.engine import lr_schedule
 
     def lrs(make, steps):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -105,9 +105,9 @@ def test_eval_rows_show_every_target_as_mask_and_split_evenly(shards128):
     import numpy as np
 
     from tests.conftest import pretrain_cfg
-    from wr_train.corpus import load_manifest, read_eval_rows
+    from wr_train.shards import load_manifest, read_eval_rows
     from wr_train.masking import IGNORE
-    from wr_train.pretrain import eval_set
+    from wr_train.engine import eval_set
     from wr_train.tokenizer import MASK
     manifest = load_manifest(str(shards128))
     cfg = pretrain_cfg(shards128, "unused", "x")
@@ -124,7 +124,7 @@ def test_eval_rows_show_every_target_as_mask_and_split_evenly(shards128):
 
 
 def test_demo_summary_says_where_the_model_stands():
-    from wr_train.demo import pretrain_summary
+    from wr_train.demo.run import pretrain_summary
     at = pretrain_summary({"step": 560, "eval_loss": 8.01, "eval_acc": 0.07, "unigram_floor": 7.97,
                            "unigram_acc": 0.0716}, 366)
     assert "0.04 nats above the floor" in at and "not yet to read the context" in at
@@ -153,7 +153,7 @@ def test_next_stage_weights_must_fit_exactly():
     from wr_train.checkpoint import CheckpointError
     from wr_train.config import ModelConfig
     from wr_train.model import build_mlm
-    from wr_train.pretrain import load_stage_weights
+    from wr_train.checkpoint import load_stage_weights
     saved = build_mlm(ModelConfig(size="tiny"), 64, seed=1).state_dict()
     fresh = build_mlm(ModelConfig(size="tiny"), 64, seed=2)
     load_stage_weights(fresh, saved, "ck")

@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from wr_train import storage
+from wr_train.pull import pull
 from wr_train.storage import StorageError
 
 pytestmark = pytest.mark.integration
@@ -187,7 +188,7 @@ def test_pull(s3_root, tmp_path):
     src = storage.join(s3_root, "ckpt")
     files = make_checkpoint(src)
     dest = tmp_path / "dest"
-    summary = storage.pull(src, str(dest), log=lambda msg: None)
+    summary = pull(src, str(dest), log=lambda msg: None)
     assert summary["files"] == 4 and summary["bytes"] == sum(map(len, files.values())) + len(
         storage.read_bytes(storage.join(src, "state.json")))
     assert summary["seconds"] >= 0
@@ -196,12 +197,12 @@ def test_pull(s3_root, tmp_path):
     assert not (tmp_path / "dest.partial").exists()
 
     with pytest.raises(StorageError, match=r"dest: not empty; pass --overwrite"):
-        storage.pull(src, str(dest), log=lambda msg: None)
+        pull(src, str(dest), log=lambda msg: None)
     assert (dest / "model.safetensors").read_bytes() == files["model.safetensors"]
 
     (dest / "stale.txt").write_text("from an older pull")
     make_checkpoint(src, model=b"newer weights")
-    storage.pull(src, str(dest), overwrite=True, log=lambda msg: None)
+    pull(src, str(dest), overwrite=True, log=lambda msg: None)
     assert (dest / "model.safetensors").read_bytes() == b"newer weights"
     assert not (dest / "stale.txt").exists()
     assert sorted(os.listdir(tmp_path)) == ["dest"]
@@ -211,7 +212,7 @@ def test_pull_into_empty_dir_and_from_local(tmp_path):
     src = tmp_path / "src"
     make_checkpoint(str(src))
     (tmp_path / "empty").mkdir()
-    storage.pull(str(src), str(tmp_path / "empty"), log=lambda msg: None)
+    pull(str(src), str(tmp_path / "empty"), log=lambda msg: None)
     assert (tmp_path / "empty" / "state.json").exists()
 
 
@@ -220,7 +221,7 @@ def test_pull_refuses_incomplete_checkpoint(s3_root, tmp_path):
     make_checkpoint(src, lie={"optim/rank1.pt": {"size": 4096}})
     dest = tmp_path / "dest"
     with pytest.raises(StorageError, match=r"incomplete checkpoint: optim/rank1.pt"):
-        storage.pull(src, str(dest), log=lambda msg: None)
+        pull(src, str(dest), log=lambda msg: None)
     assert not dest.exists() and not (tmp_path / "dest.partial").exists()
 
 
@@ -228,23 +229,23 @@ def test_pull_refuses_short_file_and_bad_hash(s3_root, tmp_path):
     src = storage.join(s3_root, "short")
     make_checkpoint(src, lie={"tokenizer.model": {"size": 999}})
     with pytest.raises(StorageError, match=r"tokenizer.model has 3 bytes, state.json says 999"):
-        storage.pull(src, str(tmp_path / "d1"), log=lambda msg: None)
+        pull(src, str(tmp_path / "d1"), log=lambda msg: None)
 
     src = storage.join(s3_root, "hash")
     make_checkpoint(src, lie={"tokenizer.model": {"size": 3, "sha256": "0" * 64}})
     with pytest.raises(StorageError, match=r"tokenizer.model: sha256 .* does not match"):
-        storage.pull(src, str(tmp_path / "d2"), log=lambda msg: None)
+        pull(src, str(tmp_path / "d2"), log=lambda msg: None)
     assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_pull_refuses_empty_or_missing_source(tmp_path, s3_root):
     (tmp_path / "empty").mkdir()
     with pytest.raises(StorageError, match="no files to pull"):
-        storage.pull(str(tmp_path / "empty"), str(tmp_path / "d"), log=lambda msg: None)
+        pull(str(tmp_path / "empty"), str(tmp_path / "d"), log=lambda msg: None)
     with pytest.raises(StorageError, match="not found"):
-        storage.pull(storage.join(s3_root, "never-written"), str(tmp_path / "d"), log=lambda msg: None)
+        pull(storage.join(s3_root, "never-written"), str(tmp_path / "d"), log=lambda msg: None)
     with pytest.raises(StorageError, match="local destination"):
-        storage.pull(str(tmp_path), storage.join(s3_root, "x"), log=lambda msg: None)
+        pull(str(tmp_path), storage.join(s3_root, "x"), log=lambda msg: None)
 
 
 # -- failures ----------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def main(argv=None) -> int:
 
 def _dispatch(args) -> int:
     if args.cmd == "data":
-        from wr_train.demo_data import build_demo
+        from wr_train.demo.data import build_demo
         build_demo(args.out, cache_dir=args.cache)
     elif args.cmd == "spm":
         from wr_train.tokenizer import train_spm
@@ -187,7 +187,7 @@ def _dispatch(args) -> int:
         from wr_train.export import import_uer
         import_uer(args.uer_bin, args.spm, args.size, args.out)
     elif args.cmd == "pull":
-        from wr_train.storage import pull
+        from wr_train.pull import pull
         pull(args.src, args.dest, overwrite=args.overwrite)
     elif args.cmd == "fill-mask":
         from wr_train.export import fill_mask_table
@@ -196,7 +196,7 @@ def _dispatch(args) -> int:
         from wr_train.finetune import finetune_main
         finetune_main(args.model, args.task, args.data, args.out, args.overrides)
     elif args.cmd == "demo":
-        from wr_train.demo import run_demo
+        from wr_train.demo.run import run_demo
         run_demo(args.out, steps=args.steps, verbose=args.verbose)
     return 0
 

@@ -15,14 +15,10 @@ from pathlib import Path
 import torch
 
 from wr_train import storage
-from wr_train.checkpoint import CheckpointError, verify_complete
+from wr_train.checkpoint import CheckpointError, fp32_weights, read_history, verify_complete
 from wr_train.config import ModelConfig, from_dict
-from wr_train.pretrain import fp32_weights, read_history
+from wr_train.hf import ExportError, check_hf_dir, quiet_transformers
 from wr_train.tokenizer import load_spm, save_hf_tokenizer
-
-
-class ExportError(ValueError):
-    pass
 
 
 # The exported config's dropout: what fine-tuning starts from (BERT's and UER's 0.1),
@@ -161,28 +157,12 @@ def model_card(cfg, state: dict, manifests: dict, history: list[dict], plot: str
     return "\n".join(lines) + "\n"
 
 
-CARD_SCORES = "\n## Fine-tuning\n"
-
-
-def add_scores_to_card(model_dir: str, scores_md: str) -> bool:
-    """Put (or replace) the fine-tuning score table as the model card's last section."""
-    card = Path(model_dir, "README.md")
-    if not card.is_file():
-        return False
-    text = card.read_text(encoding="utf-8")
-    text = text.split(CARD_SCORES)[0].rstrip("\n") + "\n" + CARD_SCORES + "\n" + scores_md.rstrip("\n") + "\n"
-    card.write_text(text, encoding="utf-8")
-    return True
-
-
 def fill_mask_table(model_dir: str, text: str, top_k: int = 5) -> str:
     check_hf_dir(model_dir)
     if "[MASK]" not in text:
         raise ExportError(f"text {text!r}: expected a [MASK] in it")
     # after the checks: importing transformers' pipelines takes seconds
     from transformers import pipeline
-
-    from wr_train.finetune import quiet_transformers
     with quiet_transformers():  # no weight-loading progress bar inside the table's output
         unmasker = pipeline("fill-mask", model=model_dir, tokenizer=model_dir)
     results = unmasker(text, top_k=top_k)
@@ -192,15 +172,6 @@ def fill_mask_table(model_dir: str, text: str, top_k: int = 5) -> str:
     for i, r in enumerate(results, 1):
         rows.append(f"{i:>4}  {r['score']:.4f}  {r['token_str']:<5}  {r['sequence']}")
     return "\n".join(rows)
-
-
-def check_hf_dir(model_dir: str) -> Path:
-    p = Path(model_dir)
-    missing = [f for f in ("config.json", "spiece.model") if not (p / f).is_file()]
-    if not p.is_dir() or missing:
-        raise ExportError(f"{model_dir}: not an exported model directory (missing {', '.join(missing) or 'dir'}; "
-                          f"make one with `wr-train export`)")
-    return p
 
 
 # ---------------------------------------------------------------- UER import

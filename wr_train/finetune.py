@@ -8,7 +8,6 @@ there, see NOTES.md).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -23,6 +22,8 @@ from typing import Callable
 import torch
 
 from wr_train.config import ConfigError, apply_override
+from wr_train.hf import check_hf_dir, quiet_transformers
+from wr_train.machine import keep_freed_memory
 from wr_train.tasks import Example, Task
 
 SUBSET_SEED = 0  # max_train_examples picks the same subset for every config and seed
@@ -176,21 +177,6 @@ def _schedule(optimizer, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-@contextlib.contextmanager
-def quiet_transformers():
-    """No "newly initialized classifier weights" notices or load/save progress bars."""
-    from transformers.utils import logging as hf_logging
-    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bar:
-            hf_logging.enable_progress_bar()
-
-
 def load_classifier(model_dir: str, task: Task):
     from transformers import AutoTokenizer, BertForSequenceClassification
     with quiet_transformers():
@@ -214,13 +200,11 @@ def finetune(model_dir: str, task: Task, cfg: FinetuneConfig,
     the test score of the best-dev epoch so far (the last call holds the final result).
     `save_dir`: the best-dev epoch's model + tokenizer are saved there.
     """
-    from wr_train.export import check_hf_dir
     check_hf_dir(model_dir)
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device, amp_dtype = pick_device(cfg)
-    from wr_train.model import keep_freed_memory
     keep_freed_memory()  # big per-step CPU tensors reuse memory instead of fresh pages
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -232,33 +216,18 @@ def finetune(model_dir: str, task: Task, cfg: FinetuneConfig,
         raise ConfigError(f"seq_length={cfg.seq_length}: the model has {max_len} positions")
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_rows = subset(task.train, cfg.max_train_examples)
-    cap = cfg.max_eval_examples or None
-    train = encode(tokenizer, train_rows, cfg.seq_length)
-    dev = encode(tokenizer, task.dev[:cap], cfg.seq_length)
-    test = encode(tokenizer, task.test[:cap], cfg.seq_length) if task.test_labelled else None
+    train, dev, test = _encode_splits(tokenizer, task, cfg)
 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = _optimizer(model, cfg)
-    scheduler = _schedule(optimizer, int(cfg.warmup * total_steps), total_steps)
+    run = _Steps(model, cfg, device, amp_dtype, pad_id, optimizer,
+                 _schedule(optimizer, int(cfg.warmup * total_steps), total_steps))
     gen = torch.Generator().manual_seed(cfg.seed)
-    eval_batch = max(64, cfg.batch_size)
     labels_all = torch.tensor(train.labels, dtype=torch.long)
-
-    result = {
-        "task": task.name, "model": str(model_dir), "config": dataclasses.asdict(cfg),
-        "labels": task.labels, "device": str(device),
-        "precision": "bf16" if amp_dtype is not None else "fp32",
-        "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "train_examples": len(train), "dev_examples": len(dev),
-        "test_examples": len(test) if test is not None else 0,
-        "majority_dev": _majority(train.labels, dev.labels),
-        "epochs": [], "best_epoch": None, "dev_acc": None, "dev_f1": None,
-        "test_acc": None, "test_f1": None,
-    }
+    result = _new_result(model_dir, task, cfg, device, amp_dtype, train, dev, test)
     best = -1.0
-    last_log = time.perf_counter()
+    ticker = _Every(30.0)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
@@ -266,25 +235,13 @@ def finetune(model_dir: str, task: Task, cfg: FinetuneConfig,
         loss_sum, n_seen = 0.0, 0
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            batch = {k: v.to(device) for k, v in collate(train, idx, pad_id).items()}
-            labels = labels_all[idx].to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(**batch).logits
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * len(idx)
+            loss_sum += run.train_step(train, labels_all, idx) * len(idx)
             n_seen += len(idx)
-            if log and time.perf_counter() - last_log > 30:
-                last_log = time.perf_counter()
+            if log and ticker.due():
                 log(f"finetune {task.name}: epoch {epoch}/{cfg.epochs} step {step + 1}/{steps_per_epoch} "
                     f"loss {loss_sum / n_seen:.4f}")
         train_s = time.perf_counter() - t0
-        dev_acc, dev_f1 = accuracy_f1(dev.labels, predict(model, dev, device, amp_dtype, eval_batch, pad_id))
+        dev_acc, dev_f1 = run.scores(dev)
         row = {"epoch": epoch, "train_loss": round(loss_sum / max(n_seen, 1), 5),
                "dev_acc": dev_acc, "dev_f1": dev_f1, "train_seconds": round(train_s, 2),
                "examples_per_s": round(n_seen / max(train_s, 1e-9), 1)}
@@ -293,8 +250,7 @@ def finetune(model_dir: str, task: Task, cfg: FinetuneConfig,
             best = dev_acc
             result.update(best_epoch=epoch, dev_acc=dev_acc, dev_f1=dev_f1)
             if test is not None:
-                result["test_acc"], result["test_f1"] = accuracy_f1(
-                    test.labels, predict(model, test, device, amp_dtype, eval_batch, pad_id))
+                result["test_acc"], result["test_f1"] = run.scores(test)
             if save_dir:
                 _save(model, tokenizer, model_dir, save_dir, task, cfg, result)
         row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -310,6 +266,78 @@ def finetune(model_dir: str, task: Task, cfg: FinetuneConfig,
                     "majority_dev": result["majority_dev"]})
     result["seconds"] = round(time.perf_counter() - t_start, 2)
     return result
+
+
+@dataclass
+class _Steps:
+    """One run's model and what its training steps and evaluations use."""
+    model: object
+    cfg: FinetuneConfig
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    pad_id: int
+    optimizer: object
+    scheduler: object
+
+    def train_step(self, data: Encoded, labels_all: torch.Tensor, idx: list[int]) -> float:
+        """One optimizer step on the rows `idx`; returns their mean loss."""
+        batch = {k: v.to(self.device) for k, v in collate(data, idx, self.pad_id).items()}
+        labels = labels_all[idx].to(self.device)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.model(**batch).logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.item()
+
+    def scores(self, data: Encoded) -> tuple[float, float]:
+        """(accuracy, macro-F1) of the model's predictions on `data`."""
+        pred = predict(self.model, data, self.device, self.amp_dtype, max(64, self.cfg.batch_size),
+                       self.pad_id)
+        return accuracy_f1(data.labels, pred)
+
+
+class _Every:
+    """due() is True at most once every `seconds` (progress lines inside a long epoch)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.last = seconds, time.perf_counter()
+
+    def due(self) -> bool:
+        if time.perf_counter() - self.last > self.seconds:
+            self.last = time.perf_counter()
+            return True
+        return False
+
+
+def _encode_splits(tokenizer, task: Task, cfg: FinetuneConfig) -> tuple[Encoded, Encoded, Encoded | None]:
+    """train (a fixed subset when max_train_examples), dev and test (the first
+    max_eval_examples; no test without test labels), encoded."""
+    train_rows = subset(task.train, cfg.max_train_examples)
+    cap = cfg.max_eval_examples or None
+    train = encode(tokenizer, train_rows, cfg.seq_length)
+    dev = encode(tokenizer, task.dev[:cap], cfg.seq_length)
+    test = encode(tokenizer, task.test[:cap], cfg.seq_length) if task.test_labelled else None
+    return train, dev, test
+
+
+def _new_result(model_dir: str, task: Task, cfg: FinetuneConfig, device, amp_dtype,
+                train: Encoded, dev: Encoded, test: Encoded | None) -> dict:
+    return {
+        "task": task.name, "model": str(model_dir), "config": dataclasses.asdict(cfg),
+        "labels": task.labels, "device": str(device),
+        "precision": "bf16" if amp_dtype is not None else "fp32",
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "train_examples": len(train), "dev_examples": len(dev),
+        "test_examples": len(test) if test is not None else 0,
+        "majority_dev": _majority(train.labels, dev.labels),
+        "epochs": [], "best_epoch": None, "dev_acc": None, "dev_f1": None,
+        "test_acc": None, "test_f1": None,
+    }
 
 
 def _majority(train_labels: list[int], dev_labels: list[int]) -> float:
@@ -345,7 +373,6 @@ def finetune_main(model: str, task_name: str, data_dir: str, out: str | None = N
                   overrides=(), log=print) -> dict:
     """`wr-train finetune`: check inputs, run, print per-epoch progress, write the JSON."""
     from wr_train import storage
-    from wr_train.export import check_hf_dir
     from wr_train.tasks import load_task
     cfg = config_from_overrides(overrides)
     check_hf_dir(model)

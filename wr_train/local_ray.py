@@ -58,6 +58,14 @@ def forward_only_worker_lines() -> None:
     dispatcher.add_handler("ray_print_logs", print_worker_lines)
 
 
+def quiet_ray_data(verbose: bool = False) -> None:
+    """Ray Data's INFO notes (execution plans, "Starting execution of Dataset …") stay in
+    its log file; preprocess prints its own progress."""
+    if not verbose:
+        import ray.data  # noqa: F401  (configures its logger on import)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # incl. "progress bars disabled"
+
+
 def train_logging_config(verbose: bool):
     """Ray Train's console level: its worker-group notes are INFO, and it warns with a
     traceback whenever a resource request to its autoscaling coordinator is slow (a busy
@@ -85,3 +93,13 @@ def hide_prints(verbose: bool):
     """Swallow a library's stdout prints (DeepSpeed's "op built successfully", zero_to_fp32's
     per-shard lines): a worker's stdout reaches the driver's, which carries the result."""
     return contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+
+
+def root_cause_line(e: BaseException) -> str:
+    """The line of a Ray-wrapped exception that names the original error: Ray puts the
+    worker's traceback in the message, and its first line only names the task."""
+    text = str(e).strip().splitlines()
+    for line in reversed(text):
+        if "Error" in line and ":" in line:
+            return line.strip()
+    return text[-1].strip() if text else type(e).__name__

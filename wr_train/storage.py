@@ -1,21 +1,14 @@
 """The one place that knows local paths from `s3://bucket/key` URIs.
 
-Everything goes through pyarrow.fs, the same layer Ray Train uses for `storage_path`.
-S3 settings come from the environment only:
-- endpoint: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (pyarrow's S3FileSystem() ignores
-  these, so they are parsed here into endpoint_override + scheme); unset means AWS itself;
-- region: AWS_REGION or AWS_DEFAULT_REGION, else us-east-1;
-- credentials: the AWS SDK's default chain (env, profile, instance role), which re-reads
-  the environment on every request, so a cached filesystem sees changed keys.
-Errors leave as `StorageError`, one line naming the path and what was expected.
+Everything goes through pyarrow.fs, the same layer Ray Train uses for `storage_path`; the
+S3 client and the environment it is configured from are wr_train.s3's. Errors leave as
+`StorageError`, one line naming the path and what was expected.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
-import json
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -24,9 +17,9 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from wr_train import s3
+
 CHUNK = 8 << 20
-CONNECT_TIMEOUT_S = 3.0      # an unreachable endpoint fails in seconds, not minutes
-REQUEST_TIMEOUT_S = 60.0     # the SDK's stall timeout (no bytes moving), not a total
 COPY_WORKERS = 8
 PROGRESS_EVERY_S = 5.0
 MB = 1 << 20
@@ -65,50 +58,16 @@ def _split_s3(path: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
-# -- the S3 filesystem ---------------------------------------------------------------
-
-def s3_endpoint() -> str | None:
-    """The endpoint URL from the environment, or None for AWS itself."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def s3_region() -> str:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-
-
-def _endpoint_label() -> str:
-    return s3_endpoint() or f"https://s3.{s3_region()}.amazonaws.com"
-
+# -- filesystems ---------------------------------------------------------------------
 
 _LOCAL = pafs.LocalFileSystem()
-_S3_CACHE: dict[tuple, pafs.S3FileSystem] = {}
-_S3_LOCK = threading.Lock()
-
-
-def _s3_filesystem() -> pafs.S3FileSystem:
-    """One S3FileSystem per (endpoint, region, profile): building one sets up a client."""
-    endpoint, region = s3_endpoint(), s3_region()
-    cache_key = (endpoint, region, os.environ.get("AWS_PROFILE"))
-    with _S3_LOCK:
-        fs = _S3_CACHE.get(cache_key)
-        if fs is None:
-            options = dict(region=region, connect_timeout=CONNECT_TIMEOUT_S,
-                           request_timeout=REQUEST_TIMEOUT_S,
-                           retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
-            if endpoint:
-                scheme, sep, host = endpoint.partition("://")
-                if not sep:
-                    scheme, host = "https", endpoint
-                options.update(endpoint_override=host.rstrip("/"), scheme=scheme)
-            fs = _S3_CACHE[cache_key] = pafs.S3FileSystem(**options)
-        return fs
 
 
 def resolve(path) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it): "bucket/key" for S3, an absolute path locally."""
     if is_s3(path):
         bucket, key = _split_s3(path)
-        return _s3_filesystem(), f"{bucket}/{key}" if key else bucket
+        return s3.filesystem(), f"{bucket}/{key}" if key else bucket
     return _LOCAL, os.path.abspath(os.path.expanduser(str(path)))
 
 
@@ -139,7 +98,7 @@ def translate(exc: BaseException, path) -> StorageError:
     text = f"{type(exc).__name__} {exc}"
     if is_s3(path):
         if any(m in text for m in _UNREACHABLE):
-            return StorageError(f"{path}: cannot reach the S3 endpoint {_endpoint_label()} "
+            return StorageError(f"{path}: cannot reach the S3 endpoint {s3.endpoint_label()} "
                                 f"({_detail(exc)})")
         if any(m in text for m in _DENIED):
             return StorageError(f"{path}: access denied (check AWS credentials)")
@@ -421,27 +380,15 @@ def _check_sizes(expected: dict[str, int], dst) -> None:
                                f"source has {size}")
 
 
-# -- pulling a checkpoint / export -----------------------------------------------------------
+# -- completeness ----------------------------------------------------------------------------
 
-def _manifest(src, listing: dict[str, int]) -> dict[str, dict]:
-    """The `files` map of src/state.json ({relpath: {"size", "sha256"?}}), or {}."""
-    if "state.json" not in listing:
-        return {}
-    path = join(src, "state.json")
-    try:
-        state = json.loads(read_text(path))
-    except ValueError as exc:
-        raise StorageError(f"{path}: not valid JSON ({exc})") from exc
-    files = state.get("files", {}) if isinstance(state, dict) else {}
-    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
-        raise StorageError(f'{path}: "files" must map relpath -> {{"size": int, "sha256": str}}')
-    return files
-
-
-def _check_manifest(src, manifest: dict, sizes: dict[str, int], local_root: str | None) -> None:
-    """Every file named in state.json must be present with its size (and its sha256 when
-    listed and `local_root` holds the copy to hash)."""
-    for rel, meta in manifest.items():
+def check_complete(src, files: dict[str, dict], sizes: dict[str, int],
+                   local_root: str | None = None) -> None:
+    """Every file of a state.json `files` map ({relpath: {"size", "sha256"?}}) must be in the
+    listing `sizes` with its size, and match its sha256 when one is listed and `local_root`
+    holds a copy to hash; else a StorageError naming the first gap. Checkpoints (resume,
+    export) and pulls check this."""
+    for rel, meta in files.items():
         where = join(src, rel)
         if rel not in sizes:
             raise StorageError(f"{src}: incomplete checkpoint: {rel} is listed in state.json "
@@ -462,62 +409,3 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(CHUNK), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _dest_ready(dst: str, overwrite: bool) -> None:
-    if os.path.isdir(dst):
-        if os.listdir(dst) and not overwrite:
-            raise StorageError(f"{dst}: not empty; pass --overwrite")
-    elif os.path.lexists(dst) and not overwrite:
-        raise StorageError(f"{dst}: exists and is not a directory; pass --overwrite")
-
-
-def _swap_into_place(partial: str, dst: str) -> None:
-    """Rename the finished copy to `dst`; an old `dst` is moved aside first and deleted
-    after, so `dst` never holds a mix of old and new files."""
-    old = None
-    if os.path.lexists(dst):
-        old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dst, old)
-    os.replace(partial, dst)
-    if old is not None:
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            _remove_quietly(old)
-
-
-def pull(src, dst, overwrite: bool = False, log=print) -> dict:
-    """Copy a finished checkpoint or export (s3:// or local) to the local directory `dst`.
-
-    Refuses a non-empty `dst` unless overwrite, and a `src` without files. If src has a
-    state.json with a "files" manifest, the listed files are checked before copying
-    (missing / short files fail fast, nothing is written) and after (size, sha256). The
-    copy goes to `dst`.partial and is renamed at the end, so `dst` never holds half a
-    checkpoint. Returns {"src", "dest", "files", "bytes", "seconds"}.
-    """
-    start = time.monotonic()
-    if is_s3(dst):
-        raise StorageError(f"{dst}: pull needs a local destination directory")
-    dst = resolve(dst)[1].rstrip(os.sep) or os.sep
-    listing = list_files(src)
-    if not listing:
-        raise StorageError(f"{src}: no files to pull")
-    manifest = _manifest(src, listing)
-    _check_manifest(src, manifest, listing, local_root=None)
-    _dest_ready(dst, overwrite)
-    partial = dst + ".partial"
-    try:
-        remove_tree(partial)  # left over from an interrupted pull
-        copy_tree(src, partial, log=log)
-        _check_manifest(src, manifest, list_files(partial), local_root=partial)
-        with _errors(dst):
-            _swap_into_place(partial, dst)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    summary = {"src": str(src), "dest": dst, "files": len(listing),
-               "bytes": sum(listing.values()), "seconds": round(time.monotonic() - start, 3)}
-    log(f"pulled {summary['files']} files ({summary['bytes'] / MB:.1f} MB) from {src} "
-        f"to {dst} in {summary['seconds']:.1f}s")
-    return summary

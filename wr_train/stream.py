@@ -19,10 +19,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from wr_train import storage
 from wr_train.config import PretrainConfig
 from wr_train.masking import mask_batch
 from wr_train.model import TargetLayout
+from wr_train.shards import open_shard, read_group
 
 
 class MaskedBatch(NamedTuple):
@@ -81,16 +81,10 @@ class RowStream:
         self._files: dict = {}
 
     def _read_block(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
-        import pyarrow.parquet as pq
-        pf = self._files.get(block.file)
-        if pf is None:
-            fs, inner = storage.resolve(storage.join(self.shards, block.file))
-            pf = self._files[block.file] = pq.ParquetFile(fs.open_input_file(inner))
-        table = pf.read_row_group(block.group)
-        ids = table.column("input_ids").combine_chunks()
-        seq = ids.type.list_size
-        return (table.column("row_id").to_numpy(),
-                ids.flatten().to_numpy(zero_copy_only=False).reshape(-1, seq))
+        shard = self._files.get(block.file)
+        if shard is None:
+            shard = self._files[block.file] = open_shard(self.shards, block.file)
+        return read_group(shard, block.group)
 
     def _windows(self, epoch: int) -> list[list[Block]]:
         return epoch_windows(self.blocks, self.seed, self.stage, epoch, self.rank, self.world, self.window)

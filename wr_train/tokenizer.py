@@ -97,7 +97,7 @@ def train_spm(corpus: list[str], out_dir: str, vocab_size: int = 100_000, *,
 
     import sentencepiece as spm
 
-    from wr_train.corpus import check_text_file  # corpus imports this module
+    from wr_train.text import check_text_file  # here: it brings pyarrow, which the id constants' users do not need
     t0 = time.time()
     files = expand_local_paths(corpus)
     for path in files:  # a binary or GBK file would otherwise train a vocab of U+FFFD

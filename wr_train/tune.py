@@ -6,21 +6,15 @@ mean as "Score". Here every (task, epochs, batch, lr, seed) is one Tune trial: a
 function trainable that fine-tunes on one GPU (or one CPU here) — no TorchTrainer start-up
 per trial (NOTES.md: `Tuner(TorchTrainer)` fails in Ray 2.60 anyway).
 
-A sweep lives in STORAGE/NAME/ (local dir or s3://, through wr_train.storage):
-    sweep.json            model + data fingerprints, settings (checked on resume)
-    trials/<key>.json     one finished trial: config, dev per epoch, test of the best epoch
-    checkpoints/<key>/    the best-dev model of each task's best trial (others are pruned)
-    scores.json           every trial of the grid + the best configuration per task
-    scores.md             the seed's table layout (dev), test of each best-dev config
-    scores.png            best dev/test per task and every trial's dev score
-Running the same sweep again (same NAME) skips the trials whose file exists, so an
-interrupted sweep resumes where it stopped and a finished one only rebuilds the report.
-Trials write their files themselves, so on a multi-node cluster STORAGE must be s3:// or
-a shared filesystem; the model and task data travel to the trials via Ray's object store
-(the model is written once per node under $TMPDIR/wr-train-models/<sha>/ and reused).
+A sweep lives in STORAGE/NAME/ (the layout and the trial records: wr_train.tune_trials;
+scores.json/.md/.png: wr_train.tune_report). Running the same sweep again (same NAME)
+skips the trials whose file exists, so an interrupted sweep resumes where it stopped and
+a finished one only rebuilds the report. Trials write their files themselves, so on a
+multi-node cluster STORAGE must be s3:// or a shared filesystem; the model and task data
+travel to the trials via Ray's object store (the model is written once per node under
+$TMPDIR/wr-train-models/<sha>/ and reused).
 
-Entry points: `run_sweep(...)` (ray_jobs/tune_clue.py and the demo), `build_grid`,
-`aggregate` + `scores_markdown` (best-of-grid and the table), `read_trials`.
+Entry point: `run_sweep(...)` (ray_jobs/tune_clue.py, the demo, bench/reproduce.py).
 """
 from __future__ import annotations
 
@@ -34,7 +28,6 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -42,82 +35,16 @@ from ray import tune
 
 from wr_train import storage as store
 from wr_train.local_ray import ensure_ray
+from wr_train.tune_report import add_scores_to_card, pct, write_report
+from wr_train.tune_trials import (SEED_BATCH_SIZES, SEED_EPOCHS, SEED_LRS, SweepError, TrialSpec,
+                                  best_by_task, build_grid, checkpoint_path, dev_key, read_trials,
+                                  trial_path)
 
-SEED_EPOCHS = (3, 5, 8)
-SEED_BATCH_SIZES = (32, 64)
-SEED_LRS = (3e-5, 1e-4, 3e-4)
 MODEL_SKIP = (".png", ".md")  # export extras trials do not need
 # Storage settings (wr_train.storage reads these) passed on to trials whose worker
 # processes lack them, as Ray's runtime_env env_vars would: trials write their own files.
 STORAGE_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
                "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
-
-
-class SweepError(ValueError):
-    """Bad sweep input; one line naming what is wrong and what was expected."""
-
-
-@dataclass(frozen=True)
-class TrialSpec:
-    task: str
-    epochs: int
-    batch_size: int
-    lr: float
-    seed: int
-    index: int  # position in the grid: ties on dev go to the earlier configuration
-
-    @property
-    def key(self) -> str:
-        return f"{self.task}-e{self.epochs}-b{self.batch_size}-lr{self.lr:g}-s{self.seed}"
-
-    @property
-    def config_key(self) -> str:
-        """The configuration without the seed (seeds of one config are averaged)."""
-        return f"e{self.epochs}-b{self.batch_size}-lr{self.lr:g}"
-
-    def label(self) -> str:
-        return f"e{self.epochs} b{self.batch_size} lr{self.lr:g}"
-
-
-def build_grid(tasks, epochs, batch_sizes, lrs, seeds: int = 1) -> list[TrialSpec]:
-    """Every (task, epochs, batch, lr, seed), task-major, in the given orders."""
-    _check_values("epochs", epochs, int)
-    _check_values("batch sizes", batch_sizes, int)
-    _check_values("learning rates", lrs, float)
-    if not isinstance(seeds, int) or seeds < 1:
-        raise SweepError(f"--seeds {seeds}: expected a positive integer")
-    specs, i = [], 0
-    for task in tasks:
-        for e in epochs:
-            for b in batch_sizes:
-                for lr in lrs:
-                    for s in range(seeds):
-                        specs.append(TrialSpec(task, int(e), int(b), float(lr), s, i))
-                        i += 1
-    return specs
-
-
-def _check_values(what: str, values, kind) -> None:
-    if not values:
-        raise SweepError(f"{what}: expected at least one value")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or \
-                (kind is int and float(v) != int(v)):
-            raise SweepError(f"{what}: {v!r} is not a positive {'integer' if kind is int else 'number'}")
-    if len(set(values)) != len(values):
-        raise SweepError(f"{what}: {list(values)} has duplicates")
-
-
-def parse_list(text: str, kind, flag: str) -> list:
-    """`--lrs 3e-5,1e-4` -> [3e-05, 0.0001]; one-line error naming the flag."""
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
-    try:
-        values = [kind(t) for t in items]
-    except ValueError:
-        raise SweepError(f"{flag} {text}: expected comma-separated "
-                         f"{'integers' if kind is int else 'numbers'}") from None
-    _check_values(flag, values, kind)
-    return values
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -167,35 +94,6 @@ def materialize_model(files: dict[str, bytes], sha: str) -> str:
 
 # ---------------------------------------------------------------- sweep files
 
-def _dev_key(rec: dict) -> tuple:
-    return (rec.get("dev_acc") or 0.0, rec.get("dev_f1") or 0.0, -rec["spec"]["index"])
-
-
-def read_trials(sweep_dir: str, task: str | None = None) -> dict[str, dict]:
-    """key -> record of every finished trial under sweep_dir/trials/ (of one task)."""
-    trials_dir = store.join(sweep_dir, "trials")
-    if not store.exists(trials_dir):
-        return {}
-    out = {}
-    mine = re.compile(rf"{re.escape(task)}-e\d+-b\d+-lr[^/]*\.json") if task else None
-    for rel in store.list_files(trials_dir):
-        if rel.endswith(".json") and "/" not in rel and (mine is None or mine.fullmatch(rel)):
-            try:
-                rec = json.loads(store.read_text(store.join(trials_dir, rel)))
-            except ValueError:
-                continue  # a torn file cannot exist (atomic writes); ignore foreign junk
-            out[rel[:-len(".json")]] = rec
-    return out
-
-
-def _trial_path(sweep_dir: str, key: str) -> str:
-    return store.join(sweep_dir, "trials", f"{key}.json")
-
-
-def _checkpoint_path(sweep_dir: str, key: str) -> str:
-    return store.join(sweep_dir, "checkpoints", key)
-
-
 def _record(spec: TrialSpec, result: dict | None, status: str) -> dict:
     rec = {"key": spec.key, "spec": dataclasses.asdict(spec), "status": status, "checkpoint": None}
     if result is not None:
@@ -236,10 +134,10 @@ def _trial(config: dict, payload: dict) -> None:
         result = finetune(model_dir, task, cfg, report=report, save_dir=save_dir)
         rec = _record(spec, result, "done")
         if save_dir and _beats_finished(sweep_dir, rec):
-            dest = _checkpoint_path(sweep_dir, spec.key)
+            dest = checkpoint_path(sweep_dir, spec.key)
             store.copy_tree(save_dir, dest, progress=False)
             rec["checkpoint"] = dest
-    store.write_text(_trial_path(sweep_dir, spec.key), json.dumps(rec, indent=1))
+    store.write_text(trial_path(sweep_dir, spec.key), json.dumps(rec, indent=1))
     tune.report(last[-1])
 
 
@@ -248,7 +146,7 @@ def _beats_finished(sweep_dir: str, rec: dict) -> bool:
     is its model uploaded)?"""
     others = [r for r in read_trials(sweep_dir, rec["spec"]["task"]).values()
               if r["key"] != rec["key"] and r.get("checkpoint")]
-    return all(_dev_key(rec) > _dev_key(r) for r in others)
+    return all(dev_key(rec) > dev_key(r) for r in others)
 
 
 # ---------------------------------------------------------------- the driver
@@ -297,7 +195,7 @@ class _Progress(tune.Callback):
 
     def _complete(self, trial):
         spec = self._spec(trial)
-        path = _trial_path(self.sweep_dir, spec.key)
+        path = trial_path(self.sweep_dir, spec.key)
         if store.exists(path):
             rec = json.loads(store.read_text(path))
         else:  # stopped by the scheduler before it could write its record
@@ -312,21 +210,21 @@ class _Progress(tune.Callback):
         self._prune(spec.task)
         done = sum(1 for k in self.specs if k in self.records)
         self.log(f"[tune] {done}/{self.total} trials done ({_elapsed(self.started)}): "
-                 f"{spec.task} {spec.label()} s{spec.seed} dev {_pct(rec.get('dev_acc'))}"
+                 f"{spec.task} {spec.label()} s{spec.seed} dev {pct(rec.get('dev_acc'))}"
                  f"{' (stopped early)' if rec['status'] == 'stopped_early' else ''} | best: "
-                 + ", ".join(f"{t} {_pct(r['dev_acc'])} ({TrialSpec(**r['spec']).label()})"
-                             for t, r in _best_by_task(self.records.values()).items()))
+                 + ", ".join(f"{t} {pct(r['dev_acc'])} ({TrialSpec(**r['spec']).label()})"
+                             for t, r in best_by_task(self.records.values()).items()))
 
     def _prune(self, task):
         recs = [r for r in self.records.values() if r["spec"]["task"] == task and r.get("checkpoint")]
         if not recs:
             return
-        best = max(recs, key=_dev_key)
+        best = max(recs, key=dev_key)
         for r in recs:
             if r is not best and r.get("checkpoint"):
                 store.remove_tree(r["checkpoint"])
                 r["checkpoint"] = None
-                store.write_text(_trial_path(self.sweep_dir, r["key"]), json.dumps(r, indent=1))
+                store.write_text(trial_path(self.sweep_dir, r["key"]), json.dumps(r, indent=1))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         spec = self._spec(trial)
@@ -338,19 +236,6 @@ class _Progress(tune.Callback):
 def _elapsed(start: float) -> str:
     s = int(time.monotonic() - start)
     return f"{s // 60}m{s % 60:02d}s"
-
-
-def _pct(x) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
-
-
-def _best_by_task(records) -> dict[str, dict]:
-    best: dict[str, dict] = {}
-    for r in records:
-        t = r["spec"]["task"]
-        if t not in best or _dev_key(r) > _dev_key(best[t]):
-            best[t] = r
-    return best
 
 
 def trial_resources(cluster: dict, cpus_per_trial: float | None, gpus_per_trial: float) -> tuple[dict, int]:
@@ -389,7 +274,7 @@ def run_sweep(model_dir: str, tasks, data_dir: str, storage: str | None = None,
     `name`: the sweep's name (default clue-<model>); `overrides`: further FinetuneConfig
     `key=value`s (e.g. warmup=0.1). Everything is checked before any trial starts.
     """
-    from wr_train.export import check_hf_dir
+    from wr_train.hf import check_hf_dir
     from wr_train.finetune import config_from_overrides
     from wr_train.tasks import load_tasks, parse_task_list
     # local paths as the user's shell means them: trials run in Ray's directories
@@ -441,7 +326,6 @@ def run_sweep(model_dir: str, tasks, data_dir: str, storage: str | None = None,
     report = write_report(sweep_dir, specs, records, loaded, meta,
                           model_name or default_model_name(model_dir), log)
     missing = report["scores"]["missing"]
-    from wr_train.export import add_scores_to_card
     if add_scores_to_card(str(model_dir), report["scores_md"]):  # model_dir is local (check_hf_dir)
         log(f"[tune] added the score table to the model card {Path(model_dir, 'README.md')}")
     report.update(trials_run=len(pending) - len(missing), trials_skipped=len(finished),
@@ -514,162 +398,3 @@ def _run_tune(pending, specs, finished, loaded, files, model_sha, base, sweep_di
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return progress.failed
-
-
-# ---------------------------------------------------------------- the report
-
-def aggregate(specs: list[TrialSpec], records: dict[str, dict]) -> dict[str, dict]:
-    """task -> best configuration (seeds of a configuration averaged), by dev accuracy."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    first_index: dict[tuple[str, str], int] = {}
-    for s in specs:
-        rec = records.get(s.key)
-        if rec is None or rec.get("dev_acc") is None:
-            continue
-        g = (s.task, s.config_key)
-        groups.setdefault(g, []).append(rec)
-        first_index.setdefault(g, s.index)
-    best: dict[str, dict] = {}
-    for (task, ckey), recs in groups.items():
-        row = {"config": ckey, "epochs": recs[0]["spec"]["epochs"],
-               "batch_size": recs[0]["spec"]["batch_size"], "lr": recs[0]["spec"]["lr"],
-               "seeds": len(recs), "index": first_index[(task, ckey)]}
-        for m in ("dev_acc", "dev_f1", "test_acc", "test_f1"):
-            vals = [r[m] for r in recs if r.get(m) is not None]
-            row[m] = sum(vals) / len(vals) if vals and len(vals) == len(recs) else None
-        row["majority_dev"] = recs[0].get("majority_dev")
-        row["best_epoch"] = [r.get("best_epoch") for r in recs]
-        row["checkpoint"] = row["checkpoint_trial"] = None  # set by write_report
-        cur = best.get(task)
-        if cur is None or (row["dev_acc"], row["dev_f1"] or 0, -row["index"]) > \
-                (cur["dev_acc"], cur["dev_f1"] or 0, -cur["index"]):
-            best[task] = row
-    return best
-
-
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def scores_markdown(model_name: str, task_names: list[str], best: dict[str, dict], grid: dict,
-                    totals: dict[str, tuple[int, int]]) -> str:
-    def table(metric: str) -> list[str]:
-        vals = [best.get(t, {}).get(metric) for t in task_names]
-        score = _mean(vals)
-        star = "*" if score is not None and None in vals else ""
-        return ["| Model | Score | " + " | ".join(task_names) + " |",
-                "|---|---|" + "---|" * len(task_names),
-                f"| {model_name} | {_pct(score)}{star} | " + " | ".join(_pct(v) for v in vals) + " |"]
-
-    def fmt(values) -> str:
-        return "{" + ",".join(f"{v:g}" for v in values) + "}"
-
-    seeds = grid["seeds"]
-    lines = [f"Best dev accuracy (%) per task over the grid epochs {fmt(grid['epochs'])} × batch "
-             f"{fmt(grid['batch_sizes'])} × lr {fmt(grid['lrs'])}"
-             f"{f' (mean of {seeds} seeds)' if seeds > 1 else ''}, seq {grid['seq_length']}"
-             f"{', train subset ' + str(grid['max_train_examples']) if grid.get('max_train_examples') else ''}"
-             f"; Score = mean over tasks.", ""]
-    lines += table("dev_acc")
-    lines += ["", "Test accuracy (%) of each task's best-dev configuration (– = unlabelled test):", ""]
-    lines += table("test_acc")
-    lines += ["", "| Task | epochs | batch | lr | best epoch | dev acc | dev F1 | test acc | test F1 | "
-                  "majority (dev) | trials |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for t in task_names:
-        b = best.get(t)
-        done, total = totals.get(t, (0, 0))
-        if b is None:
-            lines.append(f"| {t} | | | | | – | – | – | – | | {done}/{total} |")
-            continue
-        epochs = ",".join(str(e) for e in b["best_epoch"])
-        lines.append(f"| {t} | {b['epochs']} | {b['batch_size']} | {b['lr']:g} | {epochs} | "
-                     f"{_pct(b['dev_acc'])} | {_pct(b['dev_f1'])} | {_pct(b['test_acc'])} | "
-                     f"{_pct(b['test_f1'])} | {_pct(b['majority_dev'])} | {done}/{total} |")
-    if any(done < total for done, total in totals.values()):
-        lines += ["", "Some trials have not finished: run the same sweep again to complete it."]
-    return "\n".join(lines) + "\n"
-
-
-def write_report(sweep_dir: str, specs: list[TrialSpec], records: dict[str, dict], loaded: dict,
-                 meta: dict, model_name: str, log=print) -> dict:
-    task_names = list(dict.fromkeys(s.task for s in specs))
-    best = aggregate(specs, records)
-    totals = {t: (sum(1 for s in specs if s.task == t and s.key in records),
-                  sum(1 for s in specs if s.task == t)) for t in task_names}
-    # Only the best trial per task keeps its model (the best configuration's, unless with
-    # several seeds another configuration had the single best run); prune what is left over.
-    keep = {}
-    for task, rec in _best_by_task(r for r in records.values() if r.get("checkpoint")).items():
-        if rec.get("checkpoint") and task in best:
-            keep[rec["checkpoint"]] = task
-            best[task]["checkpoint"], best[task]["checkpoint_trial"] = rec["checkpoint"], rec["key"]
-    for rec in records.values():
-        if rec.get("checkpoint") and rec["checkpoint"] not in keep:
-            store.remove_tree(rec["checkpoint"])
-            rec["checkpoint"] = None
-            store.write_text(_trial_path(sweep_dir, rec["key"]), json.dumps(rec, indent=1))
-    grid = {**meta["grid"], "seq_length": meta["finetune"]["seq_length"],
-            "max_train_examples": meta["finetune"]["max_train_examples"]}
-    md = scores_markdown(model_name, task_names, best, grid, totals)
-    score = _mean(best.get(t, {}).get("dev_acc") for t in task_names)
-    scores = {
-        "model": meta["model"], "model_name": model_name, "model_sha256": meta["model_sha256"],
-        "data": meta["data"], "grid": grid, "finetune": meta["finetune"], "asha": meta.get("asha"),
-        "score": score, "test_score": _mean(best.get(t, {}).get("test_acc") for t in task_names),
-        "best": best,
-        "tasks": {t: {"labels": loaded[t].labels, "train": len(loaded[t].train), "dev": len(loaded[t].dev),
-                      "test": len(loaded[t].test), "test_labelled": loaded[t].test_labelled}
-                  for t in task_names if t in loaded},
-        "trials": [records[s.key] for s in specs if s.key in records],
-        "missing": [s.key for s in specs if s.key not in records],
-    }
-    store.write_text(store.join(sweep_dir, "scores.json"), json.dumps(scores, indent=1))
-    store.write_text(store.join(sweep_dir, "scores.md"), f"# CLUE fine-tuning: {model_name}\n\n" + md)
-    png = _plot(model_name, task_names, best, scores["trials"])
-    if png is not None:
-        store.write_bytes(store.join(sweep_dir, "scores.png"), png)
-    log(f"[tune] wrote {store.join(sweep_dir, 'scores.md')}, scores.json, scores.png; "
-        f"Score (mean best dev) {_pct(score)}")
-    return {"sweep_dir": sweep_dir, "scores_md": md, "table": md, "scores": scores, "best": best,
-            "score": score}
-
-
-def _plot(model_name: str, task_names: list[str], best: dict, trials: list[dict]) -> bytes | None:
-    if not best:
-        return None
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(task_names) + 4), 3.8))
-    xs = range(len(task_names))
-    dev = [100 * (best.get(t, {}).get("dev_acc") or 0) for t in task_names]
-    test = [100 * (best.get(t, {}).get("test_acc") or 0) for t in task_names]
-    maj = [100 * (best.get(t, {}).get("majority_dev") or 0) for t in task_names]
-    ax1.bar([x - 0.2 for x in xs], dev, 0.4, label="dev (best config)")
-    ax1.bar([x + 0.2 for x in xs], test, 0.4, label="test of that config")
-    ax1.scatter(list(xs), maj, marker="_", s=400, color="k", label="majority class (dev)", zorder=3)
-    ax1.set_xticks(list(xs), task_names, rotation=20)
-    ax1.set_ylabel("accuracy (%)")
-    ax1.set_title(f"{model_name}: best of grid")
-    ax1.set_ylim(0, 125)
-    ax1.legend(fontsize=7, loc="upper left", ncol=3)
-    lrs = sorted({r["spec"]["lr"] for r in trials})
-    for i, lr in enumerate(lrs):
-        pts = [(task_names.index(r["spec"]["task"]) + (i - (len(lrs) - 1) / 2) * 0.15,
-                100 * r["dev_acc"]) for r in trials
-               if r["spec"]["lr"] == lr and r.get("dev_acc") is not None and r["spec"]["task"] in task_names]
-        if pts:
-            ax2.scatter(*zip(*pts), s=14, label=f"lr {lr:g}")
-    ax2.set_xticks(list(xs), task_names, rotation=20)
-    ax2.set_title("every trial (dev)")
-    ax2.legend(fontsize=7, ncol=max(1, len(lrs)))
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()

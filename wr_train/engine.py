@@ -1,0 +1,129 @@
+"""The DeepSpeed engine a worker trains, and what runs on it.
+
+`build_engine`: `deepspeed.initialize` on the sparse-head model with the recipe's DeepSpeed
+config (wr_train.ds_config), AdamW parameter groups and schedule (`lr_schedule`).
+`train_step`: one optimizer step over the micro-batches of gradient accumulation; loss and
+correct predictions stay summed on the device, so a step never waits for it.
+`eval_set` / `evaluate` / `eval_line`: the fixed held-out targets, their loss and accuracy
+on the engine, and the one line that reads them against the unigram floor.
+"""
+from __future__ import annotations
+
+from wr_train.config import PretrainConfig, StageConfig
+from wr_train.ds_config import build_ds_config
+
+EVAL_MASK_SEED = 20_251_201  # one seed for every run: evaluations of all runs share targets
+EVAL_MASK_PROB = 0.15        # BERT's token masking, whatever a recipe trains with: comparable runs
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(cfg: PretrainConfig, stage: StageConfig, world: int, mlm):
+    """deepspeed.initialize on the sparse-head model with the recipe's DeepSpeed config and
+    its schedule (lr_schedule)."""
+    import deepspeed
+
+    from wr_train.model import SparseMLM
+    engine, _, _, _ = deepspeed.initialize(
+        model=SparseMLM(mlm), model_parameters=param_groups(mlm, cfg.optim.weight_decay),
+        config=build_ds_config(cfg, stage, world), lr_scheduler=lambda opt: lr_schedule(opt, stage))
+    return engine
+
+
+def lr_schedule(optimizer, stage: StageConfig):
+    """Linear warmup over `warmup` of the steps, then linear decay to 0 over the last
+    `decay` of them, constant in between. decay=1 is HF's get_linear_schedule_with_warmup
+    (decay from the end of warmup on), step for step."""
+    import torch
+    total = stage.steps
+    warm = max(1, int(stage.warmup * total))
+    start = warm if stage.decay >= 1 else max(warm, total - max(1, int(stage.decay * total)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return step / warm
+        if step < start:
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - start))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_step(engine, batches, device) -> tuple:
+    """One optimizer step over `gradient_accumulation_steps` MaskedBatch-es from `batches`.
+
+    Returns (sums, targets, tokens): loss × targets and correct predictions summed on the
+    device, and the target and non-pad token counts, which the host knew already (the
+    masking thread's TargetLayout). Nothing is read back from the device: the loop reads
+    the sums once per report (tests/test_host_reads.py holds it to that)."""
+    import torch
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    targets = tokens = 0
+    for _ in range(engine.gradient_accumulation_steps()):
+        batch = next(batches)
+        layout = batch.layout.to(device)
+        loss, correct, n = engine(batch.ids.to(device, non_blocking=True), None, layout)
+        engine.backward(loss)
+        engine.step()
+        sums += torch.stack([loss.detach().double() * n, correct.double()])
+        targets, tokens = targets + n, tokens + layout.tokens
+    return sums, targets, tokens
+
+
+def eval_set(cfg: PretrainConfig, shards: str, manifest: dict, rank: int, world: int):
+    """This rank's share of the held-out rows, masked once with the fixed eval seed and
+    BERT's 15%, every target replaced by [MASK]: (input_ids, labels), the same targets at
+    every evaluation of every run (whatever masking the recipe trains with). Every rank gets
+    the same number of rows (ZeRO-3 needs the same forward calls on every rank)."""
+    from wr_train.masking import IGNORE, mask_batch
+    from wr_train.shards import read_eval_rows
+    from wr_train.tokenizer import MASK
+    row_ids, rows = read_eval_rows(shards, manifest, cfg.eval_rows)
+    n = len(rows) // world * world
+    if n == 0:
+        return None
+    row_ids, rows = row_ids[:n][rank::world], rows[:n][rank::world]
+    ids, labels = mask_batch(rows, row_ids, epoch=0, seed=EVAL_MASK_SEED,
+                             vocab_size=manifest["vocab_size"], prob=EVAL_MASK_PROB)
+    # Every target shown as [MASK], as fill-mask sees it: then a model that ignores the
+    # context cannot beat the unigram floor. Under BERT's 80/10/10 the 10% unchanged
+    # targets let a context-blind model copy its input and score ~0.6 nats below the
+    # floor (measured on the demo model: 1.8 nats on those, 8.0 on [MASK] vs floor 7.97).
+    ids[labels != IGNORE] = MASK
+    return ids, labels
+
+
+def evaluate(engine, data, micro_batch: int, device):
+    """(loss × targets, correct, targets) over this rank's eval rows, dropout off."""
+    import torch
+
+    from wr_train.model import TargetLayout
+    ids, labels = data
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    targets = 0
+    engine.eval()
+    with torch.no_grad():
+        for i in range(0, len(ids), micro_batch):
+            layout = TargetLayout.of(ids[i:i + micro_batch], labels[i:i + micro_batch]).to(device)
+            loss, correct, n = engine(torch.from_numpy(ids[i:i + micro_batch]).to(device), None, layout)
+            sums += torch.stack([loss.double() * n, correct.double()])
+            targets += n
+    engine.train()
+    return torch.cat([sums, torch.tensor([float(targets)], dtype=torch.float64, device=device)])
+
+
+def eval_line(metrics: dict) -> str:
+    """`eval loss 7.12 (unigram floor 7.99) acc 14.0% (floor 7.2%)`"""
+    floor = metrics.get("unigram_floor")
+    text = f"eval loss {metrics['eval_loss']:.3f}"
+    text += f" (unigram floor {floor:.3f})" if floor is not None else ""
+    text += f" acc {metrics['eval_acc']:.1%}"
+    text += f" (floor {metrics['unigram_acc']:.1%})" if floor is not None else ""
+    return text
