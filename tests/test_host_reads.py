@@ -69,25 +69,20 @@ def micro_batches(n: int, vocab: int, micro: int = 4, seq: int = 32, seed: int =
 
 
 @pytest.fixture
-def one_process_group():
+def one_process_group(monkeypatch):
     import torch.distributed as dist
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port)}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)  # restored after the test
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         yield
     finally:
         dist.destroy_process_group()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_train_step_reads_nothing_back_from_the_device(one_process_group):

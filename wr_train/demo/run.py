@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from wr_train import pretrain
+from wr_train.engine import eval_line
 from wr_train.local_ray import ensure_ray
 
 DEMO_VOCAB = 20_000
@@ -26,7 +27,7 @@ def pretrain_summary(final: dict, seconds: float) -> str:
     """The demo's verdict on its pretraining: held-out [MASK] loss against the floor of a
     model that knows only word frequencies, and what more compute would change."""
     gap = final["unigram_floor"] - final["eval_loss"]
-    head = (f"pretraining ({final['step']} steps, {seconds:.0f}s): {pretrain.eval_line(final)}: "
+    head = (f"pretraining ({final['step']} steps, {seconds:.0f}s): {eval_line(final)}: "
             f"{abs(gap):.2f} nats {'below' if gap >= 0 else 'above'} the floor of a model that "
             f"knows only word frequencies.")
     if gap < 0.5:
