@@ -1,22 +1,42 @@
-"""Pretraining step throughput: wr-train's step vs a plain HF BertForMaskedLM loop.
+"""Pretraining step throughput: the loop users run, the engine alone, a plain HF loop, UER-py.
 
-Same packed, masked rows (real demo text, seq 128, batch 32) for both, one worker:
-- ours: the worker's DeepSpeed engine (fp32 on CPU: ZeRO stage 0, one worker; bf16 ZeRO-1 on
-  GPU) around SparseMLM, which projects only the masked positions onto the vocabulary and
-  runs the last layer only there, with glibc told to keep freed memory (as the worker does);
+Real demo text (People's Daily, the first 4,000 lines), one spm (32k, trained once into the
+cache), seq 128, batch 32, fp32 on CPU, one worker, every row in this one run:
+- real loop: `wr-train pretrain` itself (Ray Train, one worker with every CPU, the shards
+  `preprocess` writes from that text, RowStream + the masking thread + engine.train_step +
+  the metrics meter), started once Ray's daemons have settled; the best tok/s of the run's
+  own reports after the first (start-up, warm-up);
+- engine: the worker's DeepSpeed engine (one worker: ZeRO stage 0) around SparseMLM on
+  batches masked beforehand, with glibc told to keep freed memory (as the worker does);
 - HF: BertForMaskedLM(labels=...) computing full-vocab logits on every position, torch AdamW,
-  glibc's default allocator settings (as a plain script runs).
-Counts non-pad tokens only. MFU = tokens/s × FLOPs per token the sparse model needs,
-over the dense fp32 (CPU) / bf16 (GPU) matmul rate measured at the start of this run.
+  glibc's default allocator settings (as a plain script runs);
+- UER-py (`--uer PATH`, a checkout of dbiir/UER-py, kept outside this repo): its own
+  preprocess.py (`--data_processor mlm --full_sentences --dynamic_masking`) and pretrain.py
+  (models/bert/<size>_config.json, `--target mlm`, dropout 0.1 as ours) on the same text and
+  spm, every CPU as torch threads; the best tok/s of its reports after the first (it counts
+  batch × seq: every position is text with --full_sentences).
+- `--breakdown` adds where the time goes: SparseMLM in a plain torch AdamW loop (no
+  DeepSpeed), the engine with dropout 0, and the worker's loop outside Ray (`stream_loop`:
+  RowStream + the masking thread + engine.train_step in the bench's own process).
+Engine and HF rows: the best of --repeat timed passes (single timings on a shared VM move
+±25%). Counts non-pad tokens. MFU = tokens/s × FLOPs per token the sparse model needs, over the
+dense fp32 (CPU) / bf16 (GPU) matmul rate measured at the start of this run.
 
     python bench/pretrain_throughput.py [--sizes tiny,small] [--vocabs 32000,100000] [--steps 20]
-Ends with one line per size/vocab: `<size> <ours tok/s> <hf tok/s> <ratio>x`.
+                                        [--uer ~/src/UER-py] [--breakdown]
+Ends with one line per size/vocab: `<size> <engine tok/s> <hf tok/s> <ratio>x`, and with
+--uer one per size: `uer <size> <real-loop tok/s> <uer tok/s> <ratio>x`.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,22 +58,33 @@ from wr_train.model import SparseMLM, TargetLayout, build_mlm, flops_per_token  
 from wr_train.packing import pack_rows  # noqa: E402
 from wr_train.tokenizer import PAD, train_spm  # noqa: E402
 
+SEQ = 128
+REPORT = 10  # steps per report window of the real loop and UER-py
+SETTLE_S = 15  # seconds a fresh local Ray is left to start its daemons before the real loop
+REPEAT = 3   # timed passes of the engine / HF rows (the best counts); --repeat
 
-def demo_rows(cache: Path, seq: int, n_rows: int) -> np.ndarray:
-    """Packed rows of real demo text (spm 32k trained once into the cache)."""
+
+def demo_text(cache: Path) -> tuple[Path, Path]:
+    """(the benchmark's text file, its 32k spm dir), made once into the cache."""
     from wr_train.demo.data import build_demo
     demo = cache / "demo"
     build_demo(str(demo), log=lambda *a: None)
-    corpus = [str(demo / "corpus" / "peoples_daily.txt")]
     spm_dir = cache / "spm32k"
     if not (spm_dir / "spm.model").exists():
         train_spm([str(demo / "corpus")], str(spm_dir), 32000, input_sentence_size=300_000)
+    text = cache / "bench_text.txt"
+    if not text.exists():
+        with open(demo / "corpus" / "peoples_daily.txt", encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()][:4000]
+        text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return text, spm_dir
+
+
+def demo_rows(text: Path, spm_dir: Path, n_rows: int) -> np.ndarray:
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(spm_dir / "spm.model"))
-    lines = [l.strip() for l in open(corpus[0], encoding="utf-8") if l.strip()][:4000]
-    ids = sp.encode(lines)
-    rows = pack_rows(ids, [True] * len(ids), seq, "full")
-    return rows[:n_rows]
+    ids = sp.encode(text.read_text(encoding="utf-8").splitlines())
+    return pack_rows(ids, [True] * len(ids), SEQ, "full")[:n_rows]
 
 
 def batches(rows: np.ndarray, batch: int, vocab: int, steps: int):
@@ -67,24 +98,28 @@ def batches(rows: np.ndarray, batch: int, vocab: int, steps: int):
 
 
 def time_loop(step_fn, data, device, warmup: int = 3) -> float:
+    """Best of REPEAT passes over data[warmup:] (this VM's single timings move ±25%)."""
     for ids, labels, layout in data[:warmup]:
         step_fn(ids.to(device), labels.to(device), layout.to(device))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    tokens = 0
-    for ids, labels, layout in data[warmup:]:
-        step_fn(ids.to(device), labels.to(device), layout.to(device))
-        tokens += layout.tokens
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return tokens / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(REPEAT):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        tokens = 0
+        for ids, labels, layout in data[warmup:]:
+            step_fn(ids.to(device), labels.to(device), layout.to(device))
+            tokens += layout.tokens
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, tokens / (time.perf_counter() - t0))
+    return best
 
 
-def ours(size: str, vocab: int, data, device, precision: str) -> float:
+def engine_only(size: str, vocab: int, data, device, precision: str, dropout: float = 0.1) -> float:
     import deepspeed
     keep_freed_memory(True)   # as wr-train's worker does
-    mlm = build_mlm(ModelConfig(size=size), vocab).to(device)
+    mlm = build_mlm(ModelConfig(size=size, dropout=dropout), vocab).to(device)
     cfg = PretrainConfig(workers=1, gpu=device.type == "cuda", zero_stage=1, precision=precision,
                          stages=[StageConfig(shards="-", steps=1000, global_batch=len(data[0][0]),
                                              micro_batch=len(data[0][0]), lr=1e-4)])
@@ -95,6 +130,22 @@ def ours(size: str, vocab: int, data, device, precision: str) -> float:
         loss, _, _ = engine(ids, None, layout)
         engine.backward(loss)
         engine.step()
+    return time_loop(step, data, device)
+
+
+def sparse_plain(size: str, vocab: int, data, device) -> float:
+    """SparseMLM in a plain torch loop (AdamW, clipping at 1.0): the engine row minus DeepSpeed."""
+    keep_freed_memory(True)
+    mlm = build_mlm(ModelConfig(size=size), vocab).to(device)
+    model = SparseMLM(mlm)
+    opt = torch.optim.AdamW(param_groups(mlm, 0.01), lr=1e-4)
+
+    def step(ids, labels, layout):
+        loss, _, _ = model(ids, None, layout)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return time_loop(step, data, device)
 
 
@@ -113,15 +164,131 @@ def hf_loop(size: str, vocab: int, data, device, precision: str) -> float:
     return time_loop(step, data, device)
 
 
+def bench_shards(text: Path, spm_dir: Path, cache: Path) -> Path:
+    """The text packed by `wr-train preprocess` (made once into the cache; no held-out part)."""
+    import ray
+
+    from wr_train.corpus import preprocess
+    shards = cache / "shards32k-128"
+    if not (shards / "manifest.json").exists():
+        preprocess([str(text)], str(spm_dir), str(shards), seq_length=SEQ, heldout=0, log=lambda *a: None)
+        ray.shutdown()
+    return shards
+
+
+def stream_loop(size: str, shards: Path, batch: int, steps: int, device, precision: str) -> float:
+    """The worker's loop outside Ray: RowStream + the masking thread + engine.train_step
+    (device sums, host counts) in this process: the real loop minus Ray Train."""
+    from wr_train.engine import build_engine, train_step
+    from wr_train.shards import load_manifest
+    from wr_train.stream import RowStream, masked_batches
+    keep_freed_memory(True)
+    manifest = load_manifest(str(shards))
+    cfg = PretrainConfig(workers=1, gpu=device.type == "cuda", zero_stage=1, precision=precision,
+                         model=ModelConfig(size=size),
+                         stages=[StageConfig(shards=str(shards), steps=1000, global_batch=batch,
+                                             micro_batch=batch, lr=1e-4)]).validate()
+    engine = build_engine(cfg, cfg.stages[0], 1, build_mlm(cfg.model, manifest["vocab_size"]).to(device))
+    stream = RowStream(str(shards), manifest, seed=0, stage=0, rank=0, world=1, micro_batch=batch)
+    it = masked_batches(stream, seed=0, vocab_size=manifest["vocab_size"], mask_cfg=cfg.mask,
+                        pin=device.type == "cuda")
+    best = 0.0
+    try:
+        for _ in range(3):
+            train_step(engine, it, device)
+        for _ in range(REPEAT):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0, tokens = time.perf_counter(), 0
+            for _ in range(steps):
+                tokens += train_step(engine, it, device)[2]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, tokens / (time.perf_counter() - t0))
+    finally:
+        it.close()
+    return best
+
+
+def real_loop(size: str, text: Path, spm_dir: Path, cache: Path, windows: int, batch: int) -> float:
+    """`wr-train pretrain` itself, one worker with every CPU: the best tok/s of its reports
+    after the first (which holds start-up and warm-up)."""
+    import ray
+
+    from wr_train import pretrain
+    from wr_train.local_ray import ensure_ray
+    shards = bench_shards(text, spm_dir, cache)
+    ensure_ray()
+    time.sleep(SETTLE_S)  # Ray's daemons start for ~15 s; a real run is hours long
+    runs = Path(tempfile.mkdtemp(prefix="wr-bench-"))
+    steps = REPORT * (windows + 1)
+    cfg = PretrainConfig(
+        name=f"bench-{size}", storage=str(runs), workers=1, cpus_per_worker=os.cpu_count() or 1,
+        zero_stage=1, report_every=REPORT, checkpoint_every=steps, eval_rows=0,
+        model=ModelConfig(size=size),
+        stages=[StageConfig(shards=str(shards), steps=steps, global_batch=batch, micro_batch=batch,
+                            lr=1e-4)]).validate()
+    try:
+        pretrain.run(cfg, log=lambda *a, **k: None)
+        with open(runs / cfg.name / "metrics.jsonl") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    finally:
+        ray.shutdown()  # its daemons stay out of the rows measured after this one
+        shutil.rmtree(runs, ignore_errors=True)
+    return max(r["tokens_per_s"] for r in rows[1:])
+
+
+def uer_loop(size: str, uer: Path, text: Path, spm_dir: Path, cache: Path, windows: int,
+             batch: int) -> float:
+    """UER-py's own preprocess.py + pretrain.py on the same text and spm: the best tok/s of
+    its reports after the first."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1), "PYTHONPATH": str(uer)}
+    dataset = cache / "uer_dataset32k.pt"
+    if not dataset.exists():
+        subprocess.run([sys.executable, "preprocess.py", "--corpus_path", str(text),
+                        "--spm_model_path", str(spm_dir / "spm.model"), "--dataset_path", str(dataset),
+                        "--processes_num", "1", "--data_processor", "mlm", "--seq_length", str(SEQ),
+                        "--full_sentences", "--dynamic_masking"],
+                       cwd=uer, env=env, check=True, capture_output=True)
+    with tempfile.TemporaryDirectory(prefix="uer-bench-") as tmp:
+        out = subprocess.run(
+            [sys.executable, "pretrain.py", "--dataset_path", str(dataset),
+             "--spm_model_path", str(spm_dir / "spm.model"),
+             "--config_path", f"models/bert/{size}_config.json", "--output_model_path", f"{tmp}/m.bin",
+             "--total_steps", str(REPORT * (windows + 1)), "--report_steps", str(REPORT),
+             "--save_checkpoint_steps", "100000000", "--batch_size", str(batch),
+             "--data_processor", "mlm", "--target", "mlm", "--learning_rate", "1e-4"],
+            cwd=uer, env=env, capture_output=True, text=True)
+    rates = [float(x) for x in re.findall(r"\|\s*([\d.]+) tokens/s", out.stdout + out.stderr)]
+    if out.returncode or len(rates) < 2:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise SystemExit(f"UER-py pretrain.py in {uer} failed (exit {out.returncode}): {tail[0]}")
+    return max(rates[1:])
+
+
+def load() -> str:
+    return f"{os.getloadavg()[0]:.2f}"
+
+
 def main() -> None:
+    global REPEAT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="tiny,small")
     ap.add_argument("--vocabs", default="32000,100000")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps of the engine and HF rows")
+    ap.add_argument("--windows", type=int, default=4,
+                    help=f"timed {REPORT}-step report windows of the real loop and UER-py")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/wr-train/bench"))
+    ap.add_argument("--repeat", type=int, default=REPEAT, help="timed passes of the engine/HF rows")
+    ap.add_argument("--uer", type=Path, help="a checkout of dbiir/UER-py: adds its row, same text and spm")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="add SparseMLM without DeepSpeed, the engine without dropout, the loop outside Ray")
+    ap.add_argument("--no-real", action="store_true", help="skip the real-loop row (no Ray start)")
+    ap.add_argument("--cache", type=Path, default=Path(os.path.expanduser("~/.cache/wr-train/bench")))
     args = ap.parse_args()
+    REPEAT = args.repeat
+    if args.uer and not (args.uer / "pretrain.py").exists():
+        ap.error(f"--uer {args.uer}: expected a checkout of dbiir/UER-py (no pretrain.py there)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = "bf16" if device.type == "cuda" else "fp32"
     if device.type == "cpu":
@@ -129,8 +296,10 @@ def main() -> None:
     rate = peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{os.cpu_count()}"
     print(f"device {name}, {precision}; dense matmul rate {rate / 1e9:,.0f} GFLOP/s "
-          f"({'spec sheet' if device.type == 'cuda' else 'measured'})")
-    rows = demo_rows(Path(args.cache), args.seq, args.batch * (args.steps + 3))
+          f"({'spec sheet' if device.type == 'cuda' else 'measured'}); load {load()}", flush=True)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    text, spm_dir = demo_text(args.cache)
+    rows = demo_rows(text, spm_dir, args.batch * (args.steps + 3))
     results = []
     for size in args.sizes.split(","):
         for vocab in map(int, args.vocabs.split(",")):
@@ -138,24 +307,48 @@ def main() -> None:
                 continue  # the targets name tiny at 100k; small at 32k
             data = batches(rows, args.batch, vocab, args.steps + 3)
             mask_frac = float(np.mean([lay.n / lay.tokens for _, _, lay in data]))
-            a = ours(size, vocab, data, device, precision)
-            b = hf_loop(size, vocab, data, device, precision)
-            mfu = a * flops_per_token(ModelConfig(size=size), vocab, args.seq, mask_frac) / rate
-            results.append((size, vocab, a, b, mfu))
-            print(f"  {size:<6} vocab {vocab:>7,}: ours {a:>9,.0f} tok/s   hf {b:>9,.0f} tok/s   "
-                  f"{a / b:5.2f}x   ours MFU {mfu:.1%}", flush=True)
-    print("\n| size | vocab | ours tok/s | HF loop tok/s | ratio | ours MFU |\n|---|---|---|---|---|---|")
-    for size, vocab, a, b, mfu in results:
-        print(f"| {size} | {vocab:,} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x | {mfu:.1%} |")
-    # UER-py's own CPU loop on this kind of machine (issue #3; 32k vocab, padding counted)
-    uer = {"tiny": 11_500, "small": 1_750}
-    for size, vocab, a, b, mfu in results:
-        if vocab == 32000 and size in uer:
-            print(f"{size}: ours / UER-py's ~{uer[size]:,} tok/s = {a / uer[size]:.2f}x")
+            r = {"size": size, "vocab": vocab, "engine": engine_only(size, vocab, data, device, precision)}
+            if args.breakdown:
+                r["plain_sparse"] = sparse_plain(size, vocab, data, device)
+                r["engine_no_dropout"] = engine_only(size, vocab, data, device, precision, dropout=0.0)
+                if vocab == 32000:
+                    shards = bench_shards(text, spm_dir, args.cache)
+                    r["stream_loop"] = stream_loop(size, shards, args.batch, args.steps, device, precision)
+            r["hf"] = hf_loop(size, vocab, data, device, precision)
+            if vocab == 32000 and args.uer:
+                r["uer"] = uer_loop(size, args.uer, text, spm_dir, args.cache, args.windows, args.batch)
+            if vocab == 32000 and not args.no_real:
+                r["real"] = real_loop(size, text, spm_dir, args.cache, args.windows, args.batch)
+            r["mfu"] = r["engine"] * flops_per_token(ModelConfig(size=size), vocab, SEQ, mask_frac) / rate
+            r["load"] = load()
+            results.append(r)
+            print("  " + "  ".join(f"{k} {v:,.0f}" if isinstance(v, float) and k != "mfu" else f"{k} {v}"
+                                   for k, v in r.items()), flush=True)
+    print_table(results, args.breakdown)
+
+
+def print_table(results: list[dict], breakdown: bool) -> None:
+    def num(r, key):
+        return f"{r[key]:,.0f}" if key in r else "–"
+
+    def ratio(r, a, b):
+        return f"{r[a] / r[b]:.2f}x" if a in r and b in r else "–"
+    extra = ["plain_sparse", "engine_no_dropout", "stream_loop"] if breakdown else []
+    print("\n| size | vocab | real loop tok/s | engine tok/s | " + "".join(f"{k} tok/s | " for k in extra)
+          + "HF loop tok/s | UER-py tok/s | real/UER | real/engine | engine/HF | engine MFU | load |")
+    print("|---" * (11 + len(extra)) + "|")
+    for r in results:
+        print(f"| {r['size']} | {r['vocab']:,} | {num(r, 'real')} | {num(r, 'engine')} | "
+              + "".join(f"{num(r, k)} | " for k in extra)
+              + f"{num(r, 'hf')} | {num(r, 'uer')} | {ratio(r, 'real', 'uer')} | {ratio(r, 'real', 'engine')} | "
+              f"{ratio(r, 'engine', 'hf')} | {r['mfu']:.1%} | {r['load']} |")
     print()
-    for size, vocab, a, b, mfu in results:
-        label = size if vocab == 32000 else f"{size}@{vocab // 1000}k"
-        print(f"{label} {a:.0f} {b:.0f} {a / b:.2f}x")
+    for r in results:
+        label = r["size"] if r["vocab"] == 32000 else f"{r['size']}@{r['vocab'] // 1000}k"
+        print(f"{label} {r['engine']:.0f} {r['hf']:.0f} {r['engine'] / r['hf']:.2f}x")
+    for r in results:
+        if "uer" in r and "real" in r:
+            print(f"uer {r['size']} {r['real']:.0f} {r['uer']:.0f} {r['real'] / r['uer']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -46,10 +46,12 @@ def ray_local(s3):
     server so its workers inherit the AWS_* environment, as cluster nodes would have
     an instance profile."""
     import ray
+
+    from wr_train.local_ray import worker_env
     if not ray.is_initialized():
         # the dashboard serves the state API Ray Train's placement-group cleaner polls
         ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+                 runtime_env={"env_vars": worker_env(gpu=False)})
     yield ray
 
 

@@ -28,12 +28,27 @@ def ensure_ray(*, local: bool = False, num_cpus: int | None = None, gpu: bool = 
     import ray
     if ray.is_initialized():
         return
-    env = {} if gpu else {"DS_ACCELERATOR": "cpu"}
+    env = worker_env(gpu)
     ray.init(address="local" if local else None, num_cpus=num_cpus, include_dashboard=True,
              log_to_driver=True, logging_level=logging.INFO if verbose else QUIET_LEVEL,
              runtime_env={"env_vars": env} if env else None)
     if not verbose:
         forward_only_worker_lines()
+
+
+def worker_env(gpu: bool) -> dict[str, str]:
+    """Environment of Ray's worker processes on CPU runs: DeepSpeed's CPU accelerator, and
+    OpenMP sized 1 at process start.
+
+    Ray Train and Tune run the training function in a thread of the worker, and Ray's
+    set-up has already run torch ops in the worker's main thread, making an OpenMP team
+    there. With a second team on the same CPUs, libgomp stops spin-waiting for work (it
+    "throttles"), so every parallel op of the loop waits for its threads to wake: the
+    tiny model's step has hundreds of small ops. Starting at 1 keeps the main thread's team
+    empty; the loop's thread sets its own count (torch.set_num_threads, per thread). Measured
+    on 2 cores, in-place ops on a [32,128,128] tensor in the training thread: 17.0k/s
+    -> 19.3k/s (a Ray task in the main thread: 20-22k/s); bench/RESULTS.md has the step."""
+    return {} if gpu else {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
 def forward_only_worker_lines() -> None:
