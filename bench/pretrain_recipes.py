@@ -88,7 +88,7 @@ def plain_point(shards: str, overrides: list[str], name: str, threads: int = 1) 
         for _ in range(accum):
             for r in range(world):
                 batch = next(streams[r])
-                loss, _, _ = model(batch.ids, None, batch.layout)
+                loss, _, _ = model(batch.ids, None, batch.layout.to("cpu"))
                 (loss / (accum * world)).backward()
         torch.nn.utils.clip_grad_norm_(mlm.parameters(), cfg.optim.clip)
         opt.step()

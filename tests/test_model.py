@@ -42,3 +42,19 @@ def test_flops_per_token_counts_the_sparse_last_layer():
     h, f, v = 128, 512, 32000
     dense = 3 * (2 * (8 * h * h + 4 * h * f + 4 * 128 * h) + 2 * h * h + 2 * h * v)
     assert full == pytest.approx(dense)
+
+
+def test_init_options_reach_the_model():
+    """init_std is BERT's initializer_range; position_init=sinusoidal starts the learned
+    position table as sin/cos at that scale; a bad value names its key."""
+    from wr_train.config import ConfigError
+    from wr_train.model import sinusoidal_positions
+    normal = build_mlm(ModelConfig(size="tiny", init_std=0.05), 500, seed=0)
+    assert normal.config.initializer_range == 0.05
+    assert normal.bert.encoder.layer[0].attention.self.query.weight.std().item() == pytest.approx(0.05, rel=0.05)
+    sin = build_mlm(ModelConfig(size="tiny", position_init="sinusoidal"), 500, seed=0)
+    table = sin.bert.embeddings.position_embeddings.weight
+    assert torch.allclose(table, sinusoidal_positions(512, 128) * 0.02 / 0.5 ** 0.5)
+    assert table[0, 1].item() == pytest.approx(0.02 / 0.5 ** 0.5)   # cos(0) = 1
+    with pytest.raises(ConfigError, match="model.position_init"):
+        ModelConfig(size="tiny", position_init="rope").resolved()

@@ -43,6 +43,9 @@ class ModelConfig:
     ffn: int = 0
     max_positions: int = 512
     dropout: float = 0.1
+    init_std: float = 0.02  # std of the initial weights (BERT's initializer_range)
+    position_init: str = "normal"  # "normal" (BERT's) or "sinusoidal" (the learned table starts
+                                   # as the Transformer's sin/cos, scaled to init_std)
     vocab_size: int = 0  # 0 = taken from the spm model
 
     def resolved(self) -> "ModelConfig":
@@ -60,6 +63,8 @@ class ModelConfig:
         for key in ("layers", "hidden", "heads", "ffn"):
             if getattr(out, key) <= 0:
                 raise ConfigError(f"model.{key}: expected a positive integer for size 'custom'")
+        if out.position_init not in ("normal", "sinusoidal"):
+            raise ConfigError(f"model.position_init: expected 'normal' or 'sinusoidal', got {out.position_init!r}")
         if out.hidden % out.heads:
             raise ConfigError(f"model.hidden={out.hidden} is not divisible by model.heads={out.heads}")
         return out

@@ -47,8 +47,20 @@ def worker_env(gpu: bool) -> dict[str, str]:
     tiny model's step has hundreds of small ops. Starting at 1 keeps the main thread's team
     empty; the loop's thread sets its own count (torch.set_num_threads, per thread). Measured
     on 2 cores, in-place ops on a [32,128,128] tensor in the training thread: 17.0k/s
-    -> 19.3k/s (a Ray task in the main thread: 20-22k/s); bench/RESULTS.md has the step."""
-    return {} if gpu else {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    -> 19.3k/s (a Ray task in the main thread: 20-22k/s); bench/RESULTS.md has the step.
+
+    And huge pages for torch's big CPU tensors (THP_MEM_ALLOC_ENABLE, read once when the
+    process starts): the worker keeps freed memory in glibc's heap
+    (machine.keep_freed_memory), but the loop's thread allocates from its own arena, where
+    a fresh [600, 20000] fp32 tensor (the head's logits at 20k vocab) still faults its
+    pages in one by one. Measured on 2 cores, one thread, exp into a fresh tensor of that
+    shape in a second thread: 22 ms with keep_freed_memory, 9.7 ms with huge pages too
+    (10 ms into a preallocated one; the main thread: 10 ms either way). One glibc arena
+    (MALLOC_ARENA_MAX=1) puts the thread on the main heap that keep_freed_memory keeps:
+    the worker's loop (bench `stream_loop`, tiny) run in a second thread of one process,
+    OMP_NUM_THREADS=1: 10.8k tok/s, with one arena 11.2k (the main thread: 11.1k)."""
+    return {} if gpu else {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "THP_MEM_ALLOC_ENABLE": "1",
+                           "MALLOC_ARENA_MAX": "1"}
 
 
 def forward_only_worker_lines() -> None:

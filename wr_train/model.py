@@ -7,6 +7,7 @@ full [B, L, V] projection would dominate the step (UER's "sparse" MLM head).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ def bert_config(cfg: ModelConfig, vocab_size: int):
         max_position_embeddings=cfg.max_positions, hidden_act="gelu",
         hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
         type_vocab_size=2, pad_token_id=PAD, tie_word_embeddings=True,
+        initializer_range=cfg.init_std,
     )
 
 
@@ -38,7 +40,23 @@ def build_mlm(cfg: ModelConfig, vocab_size: int, seed: int = 0):
     config._attn_implementation = "sdpa"  # PyTorch SDPA attention kernels
     model = BertForMaskedLM(config)
     model.tie_weights()
+    if cfg.resolved().position_init == "sinusoidal":
+        with torch.no_grad():
+            table = model.bert.embeddings.position_embeddings.weight
+            table.copy_(sinusoidal_positions(*table.shape) * cfg.init_std / math.sqrt(0.5))
     return model
+
+
+def sinusoidal_positions(n: int, dim: int) -> torch.Tensor:
+    """The Transformer's position encoding [n, dim] (sin on even, cos on odd features, unit
+    amplitude): each offset is a fixed rotation of it, so attention can find neighbours
+    from the first step instead of learning a random table first."""
+    pos = torch.arange(n, dtype=torch.float64)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)[:, :dim // 2]
+    return table.float()
 
 
 QUERY_BUCKET = 8  # the last layer's query length is the most targets in a row, rounded up to this
@@ -116,7 +134,10 @@ class SparseMLM(nn.Module):
         head = self.mlm.cls.predictions
         logits = head.decoder(head.transform(picked)).float()   # [M, V]
         loss = F.cross_entropy(logits, layout.targets, reduction="sum") / max(layout.n, 1)
-        correct = (logits.argmax(-1) == layout.targets).sum()
+        # correct: the target's logit is the largest (a tie counts; in float they do not
+        # happen). A max is ~6x cheaper than an argmax over [M, V] on CPU (5.7 vs 37 ms at
+        # 600 × 20k, one thread).
+        correct = (logits.gather(1, layout.targets[:, None]).squeeze(1) >= logits.amax(-1)).sum()
         return loss, correct, layout.n
 
     def _layer(self, layer, x_q: torch.Tensor, x_kv: torch.Tensor, key_mask) -> torch.Tensor:
