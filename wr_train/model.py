@@ -36,11 +36,12 @@ def bert_config(cfg: ModelConfig, vocab_size: int):
 def build_mlm(cfg: ModelConfig, vocab_size: int, seed: int = 0):
     from transformers import BertForMaskedLM
     torch.manual_seed(seed)
+    cfg = cfg.resolved()
     config = bert_config(cfg, vocab_size)
     config._attn_implementation = "sdpa"  # PyTorch SDPA attention kernels
     model = BertForMaskedLM(config)
     model.tie_weights()
-    if cfg.resolved().position_init == "sinusoidal":
+    if cfg.position_init == "sinusoidal":
         with torch.no_grad():
             table = model.bert.embeddings.position_embeddings.weight
             table.copy_(sinusoidal_positions(*table.shape) * cfg.init_std / math.sqrt(0.5))
