@@ -37,6 +37,24 @@ def test_statistics_80_10_10():
     assert (out[replaced] >= NUM_SPECIAL).all()                 # random tokens are never special
 
 
+def test_shares_of_mask_random_unchanged_are_configurable():
+    ids, rows = fake_rows()
+    out, labels = mask_batch(ids, rows, epoch=0, seed=1, vocab_size=V, mask_share=1.0, random_share=0.0)
+    target = labels != IGNORE
+    assert (out[target] == MASK).all() and (out[~target] == ids[~target]).all()
+    out, labels = mask_batch(ids, rows, epoch=0, seed=1, vocab_size=V, mask_share=0.5, random_share=0.5)
+    target = labels != IGNORE
+    assert 0.45 < (out[target] == MASK).mean() < 0.55
+    assert (out[target] == ids[target]).mean() < 0.01      # unchanged only by a random draw
+
+
+def test_mask_config_refuses_shares_over_one():
+    from wr_train.config import ConfigError, load_config
+    cfg = load_config("demo-tiny", ["stages.0.shards=x", "mask.mask_share=0.95", "mask.random_share=0.1"])
+    with pytest.raises(ConfigError, match="mask_share"):
+        cfg.validate()
+
+
 def test_mask_is_a_function_of_seed_epoch_row():
     ids, rows = fake_rows(50)
     a = mask_batch(ids, rows, epoch=3, seed=7, vocab_size=V)

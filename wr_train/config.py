@@ -98,6 +98,8 @@ class MaskConfig:
     span: bool = False        # geometric span masking (UER's span_masking)
     span_p: float = 0.2
     span_max: int = 10
+    mask_share: float = 0.8   # of the targets, shown as [MASK]; BERT's 80/10/10
+    random_share: float = 0.1  # shown as a random token; the rest stay unchanged
 
 
 @dataclass
@@ -149,6 +151,12 @@ class PretrainConfig:
             raise ConfigError(f"shuffle_window: expected >= 1 row group, got {self.shuffle_window}")
         if self.eval_rows < 0:
             raise ConfigError(f"eval_rows: expected >= 0, got {self.eval_rows}")
+        m = self.mask
+        if not (0 < m.prob < 1 and m.mask_share >= 0 and m.random_share >= 0
+                and m.mask_share + m.random_share <= 1):
+            raise ConfigError(f"mask: expected 0 < prob < 1 and shares >= 0 with mask_share + "
+                              f"random_share <= 1 (got prob {m.prob}, mask_share {m.mask_share}, "
+                              f"random_share {m.random_share})")
         return self
 
 

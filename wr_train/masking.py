@@ -3,7 +3,7 @@
 Each row gets its own generator seeded by (seed, epoch, row_id), so a row's mask does
 not depend on batch composition, worker count or resume point, and changes every epoch.
 BERT's recipe: `prob` of the non-special tokens become targets; of those 80% -> [MASK],
-10% -> a random non-special token, 10% unchanged. Optional geometric span masking
+10% -> a random non-special token, 10% unchanged (`mask_share`, `random_share`). Optional geometric span masking
 (UER's `span_masking`): whole spans of length ~ Geometric(span_p), capped at span_max,
 are chosen until the budget is met.
 """
@@ -41,7 +41,8 @@ def _choose_spans(rng, candidates: np.ndarray, prob: float, span_p: float, span_
 
 def mask_batch(input_ids: np.ndarray, row_ids: np.ndarray, *, epoch: int, seed: int,
                vocab_size: int, prob: float = 0.15, span: bool = False,
-               span_p: float = 0.2, span_max: int = 10) -> tuple[np.ndarray, np.ndarray]:
+               span_p: float = 0.2, span_max: int = 10, mask_share: float = 0.8,
+               random_share: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     """(masked input_ids, labels) for a batch [B, L]; labels are IGNORE off-target."""
     ids = np.array(input_ids, dtype=np.int64, copy=True)
     labels = np.full_like(ids, IGNORE)
@@ -55,7 +56,7 @@ def mask_batch(input_ids: np.ndarray, row_ids: np.ndarray, *, epoch: int, seed: 
                    else _choose_tokens(rng, candidates, prob))
         labels[b, targets] = row[targets]
         action = rng.random(len(targets))
-        row[targets[action < 0.8]] = MASK
-        swap = targets[(action >= 0.8) & (action < 0.9)]
+        row[targets[action < mask_share]] = MASK
+        swap = targets[(action >= mask_share) & (action < mask_share + random_share)]
         row[swap] = rng.integers(NUM_SPECIAL, vocab_size, size=len(swap))
     return ids, labels

@@ -152,7 +152,8 @@ def masked_batches(stream: RowStream, *, seed: int, vocab_size: int, mask_cfg, p
                     out_ids[sel], labels[sel] = mask_batch(
                         ids[sel], row_ids[sel], epoch=int(e), seed=seed, vocab_size=vocab_size,
                         prob=mask_cfg.prob, span=mask_cfg.span, span_p=mask_cfg.span_p,
-                        span_max=mask_cfg.span_max)
+                        span_max=mask_cfg.span_max, mask_share=mask_cfg.mask_share,
+                        random_share=mask_cfg.random_share)
                 layout = TargetLayout.of(out_ids, labels)
                 ids_t, labels_t = torch.from_numpy(out_ids), torch.from_numpy(labels)
                 if pin:
