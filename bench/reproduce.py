@@ -233,7 +233,7 @@ def write_report(path: Path, args, grid: dict, tok_stats: dict, results: dict, c
               "example of a given length needs that many fewer positions.", ""]
     lines += ["## 2. Pretraining at equal compute", "",
               f"Each model: {args.steps} steps × global batch {args.batch} × seq 128 rows "
-              f"({args.steps * args.batch:,} rows), lr {args.lr:g} (5% warmup, constant, linear decay over the last 20%; no dropout; Adam beta2 0.98: demo-tiny's recipe), "
+              f"({args.steps * args.batch:,} rows), lr {args.lr:g} (5% warmup, constant, linear decay over the last 20%; no dropout; Adam beta2 0.98: demo-tiny's schedule), "
               f"AdamW, {args.workers} Ray Train worker(s) under DeepSpeed, fp32 on CPU. The char "
               "model sees the same number of positions, hence less text.", "",
               "| model | held-out eval loss | unigram floor (nats) | below the floor | eval MLM acc | "
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
                     help="where data, tokenizers, shards, runs and sweeps go (reused when present)")
     ap.add_argument("--sizes", default="tiny", help="comma list of presets (tiny, mini)")
     ap.add_argument("--word-vocab", type=int, default=20_000)
-    # ~20 min per pretrained model on 2 cores (both workers busy), demo-tiny's recipe
+    # ~20 min per pretrained model on 2 cores (both workers busy), demo-tiny's schedule
     # shape (bench/RESULTS.md: lr 2e-3, beta2 0.98, no dropout, decay over the last 20%)
     ap.add_argument("--steps", type=int, default=2800, help="pretraining steps per model")
     ap.add_argument("--batch", type=int, default=64, help="global pretraining batch")

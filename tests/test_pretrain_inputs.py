@@ -131,6 +131,9 @@ def test_demo_summary_says_where_the_model_stands():
     below = pretrain_summary({"step": 560, "eval_loss": 7.2, "eval_acc": 0.17, "unigram_floor": 7.97,
                               "unigram_acc": 0.0716}, 366)
     assert "0.77 nats below the floor" in below and "reads the context" in below
+    begun = pretrain_summary({"step": 1400, "eval_loss": 7.22, "eval_acc": 0.058, "unigram_floor": 7.42,
+                              "unigram_acc": 0.061}, 240)
+    assert "0.20 nats below the floor" in begun and "begun to read the context" in begun
 
 
 def test_recipe_values_take_their_field_types(tmp_path):
