@@ -3,9 +3,9 @@
 Each row gets its own generator seeded by (seed, epoch, row_id), so a row's mask does
 not depend on batch composition, worker count or resume point, and changes every epoch.
 BERT's recipe: `prob` of the non-special tokens become targets; of those 80% -> [MASK],
-10% -> a random non-special token, 10% unchanged (`mask_share`, `random_share`). Optional geometric span masking
-(UER's `span_masking`): whole spans of length ~ Geometric(span_p), capped at span_max,
-are chosen until the budget is met.
+10% -> a random non-special token, 10% unchanged (`mask_share`, `random_share`).
+Optional geometric span masking (UER's `span_masking`): whole spans of length
+~ Geometric(span_p), capped at span_max, are chosen until the budget is met.
 """
 from __future__ import annotations
 

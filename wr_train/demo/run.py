@@ -14,8 +14,8 @@ from wr_train.engine import eval_line
 from wr_train.local_ray import ensure_ray
 
 # 8k pieces for a 9.4M-character corpus (1.32 characters per token; 20k gave 1.56): each
-# piece is seen more often and the tiny step is ~1.8x faster (the head is most of it), so
-# 4 minutes of pretraining end 0.2 nats below the unigram floor instead of on it
+# piece is seen more often and the tiny step is ~2x faster (the head is most of it), so
+# ~4.5 minutes of pretraining end 0.2 nats below the unigram floor instead of on it
 # (bench/RESULTS.md, "The demo's vocabulary and batch"). The seed's 100k is for its corpus.
 DEMO_VOCAB = 8_000
 DEMO_TASKS = ["douban", "chnsenticorp", "lcqmc", "tnews", "iflytek", "ocnli"]
