@@ -81,10 +81,18 @@ def test_tokenizer_ids_equal_spm_on_real_text(exported, small_corpus):
     albert = AlbertTokenizer.from_pretrained(str(exported))  # the model cards' way
     lines = [l[:200] for l in sample_lines(small_corpus, 200, seed=3)]
     assert len(lines) > 100
+    ties = 0
     for line in lines:
-        assert tok(line, add_special_tokens=False)["input_ids"] == sp.encode(line), line
+        fast, ref = tok(line, add_special_tokens=False)["input_ids"], sp.encode(line)
+        if fast != ref:
+            # Equal-score segmentations (哈哈哈 = 哈+哈哈 = 哈哈+哈) are broken differently by
+            # tokenizers and sentencepiece; anything else is a conversion bug.
+            score = lambda ids: sum(sp.get_score(i) for i in ids)  # noqa: E731
+            assert sp.decode(fast) == sp.decode(ref) and score(fast) == pytest.approx(score(ref), abs=1e-3), line
+            ties += 1
         if " " not in line:  # AlbertTokenizer's own pipeline drops spaces
             assert albert(line, add_special_tokens=False)["input_ids"] == sp.encode(line), line
+    assert ties <= len(lines) // 20
     assert tok("你好")["input_ids"][0] == 2 and tok("你好")["input_ids"][-1] == 3
     assert tok.mask_token_id == 4 and tok.pad_token_id == 0
 

@@ -123,7 +123,8 @@ def model_card(cfg, state: dict, manifests: dict, history: list[dict], plot: str
         "output = model(**tokenizer('用你喜欢的任何文本替换我。', return_tensors='pt'))",
         "```", "",
         "`AutoTokenizer.from_pretrained('THIS_DIR')` gives ids equal to the sentencepiece ids the "
-        "model was trained on for any text; `AlbertTokenizer` (transformers' own pipeline) agrees "
+        "model was trained on for any text (up to segmentations that tie in score, which the two "
+        "libraries break differently); `AlbertTokenizer` (transformers' own pipeline) agrees "
         "on text without spaces and drops the spaces otherwise.", "",
         "## Training", "",
         f"| | |", "|---|---|",
