@@ -3,25 +3,16 @@ step (nothing to install where DeepSpeed is there), every config's row measured 
 the project's engine and the HF loop, the tables written, the gpu-marked tests run."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import REPO, load_bench
 
 
 def test_gpu_check_dry_run(tmp_path):
-    gc = _gpu_check()
+    gc = load_bench("gpu_check")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "WR_GPU_SITE": str(tmp_path / "site"),
            # a busy 2-core box: let every row run however slow it is

@@ -2,26 +2,17 @@
 steps over every rank's stream and scores the held-out [MASK] targets against the floor."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _recipes():
-    spec = importlib.util.spec_from_file_location("pretrain_recipes", REPO / "bench" / "pretrain_recipes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_bench
 
 
 def test_plain_point_trains_and_reports_against_the_floor(shards128):
     manifest = json.loads((shards128 / "manifest.json").read_text())
     over = ["checkpoint_every=4", "stages.0.steps=8", "stages.0.global_batch=16",
             "stages.0.micro_batch=8", "stages.0.lr=2e-3"]
-    r = _recipes().plain_point(str(shards128), over, "smoke")
+    r = load_bench("pretrain_recipes").plain_point(str(shards128), over, "smoke")
     assert sorted(r["evals"]) == [4, 8] and r["rows"] == 8 * 16
     assert r["floor"] == manifest["unigram"]["entropy"]
     assert math.isclose(r["below_floor"], r["floor"] - r["eval_loss"])
