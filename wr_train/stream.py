@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -141,6 +141,7 @@ def masked_batches(stream: RowStream, *, seed: int, vocab_size: int, mask_cfg, p
     import torch
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
+    masking = asdict(mask_cfg)  # MaskConfig's fields are mask_batch's keywords
 
     def work():
         try:
@@ -151,9 +152,7 @@ def masked_batches(stream: RowStream, *, seed: int, vocab_size: int, mask_cfg, p
                     sel = epochs == e
                     out_ids[sel], labels[sel] = mask_batch(
                         ids[sel], row_ids[sel], epoch=int(e), seed=seed, vocab_size=vocab_size,
-                        prob=mask_cfg.prob, span=mask_cfg.span, span_p=mask_cfg.span_p,
-                        span_max=mask_cfg.span_max, mask_share=mask_cfg.mask_share,
-                        random_share=mask_cfg.random_share)
+                        **masking)
                 layout = TargetLayout.of(out_ids, labels)
                 ids_t, labels_t = torch.from_numpy(out_ids), torch.from_numpy(labels)
                 if pin:
