@@ -210,7 +210,8 @@ def stream_loop(size: str, shards: Path, batch: int, steps: int, device, precisi
     return best
 
 
-def real_loop(size: str, text: Path, spm_dir: Path, cache: Path, windows: int, batch: int) -> float:
+def real_loop(size: str, text: Path, spm_dir: Path, cache: Path, windows: int, batch: int,
+              precision: str) -> float:
     """`wr-train pretrain` itself, one worker with every CPU: the best tok/s of its reports
     after the first (which holds start-up and warm-up)."""
     import ray
@@ -224,7 +225,7 @@ def real_loop(size: str, text: Path, spm_dir: Path, cache: Path, windows: int, b
     steps = REPORT * (windows + 1)
     cfg = PretrainConfig(
         name=f"bench-{size}", storage=str(runs), workers=1, cpus_per_worker=os.cpu_count() or 1,
-        zero_stage=1, report_every=REPORT, checkpoint_every=steps, eval_rows=0,
+        zero_stage=1, precision=precision, report_every=REPORT, checkpoint_every=steps, eval_rows=0,
         model=ModelConfig(size=size),
         stages=[StageConfig(shards=str(shards), steps=steps, global_batch=batch, micro_batch=batch,
                             lr=1e-4)]).validate()
@@ -284,71 +285,80 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true",
                     help="add SparseMLM without DeepSpeed, the engine without dropout, the loop outside Ray")
     ap.add_argument("--no-real", action="store_true", help="skip the real-loop row (no Ray start)")
+    ap.add_argument("--precisions", default="",
+                    help="comma list of fp32,bf16 for our rows (default: bf16 on GPU, fp32 on CPU); "
+                         "UER-py runs fp32 once per size, its row shared by them")
     ap.add_argument("--cache", type=Path, default=Path(os.path.expanduser("~/.cache/wr-train/bench")))
     args = ap.parse_args()
     REPEAT = args.repeat
     if args.uer and not (args.uer / "pretrain.py").exists():
         ap.error(f"--uer {args.uer}: expected a checkout of dbiir/UER-py (no pretrain.py there)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = "bf16" if device.type == "cuda" else "fp32"
+    precisions = args.precisions.split(",") if args.precisions else ["bf16" if device.type == "cuda" else "fp32"]
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    rate = peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    rates = {p: peak_flops(device, torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{os.cpu_count()}"
-    print(f"device {name}, {precision}; dense matmul rate {rate / 1e9:,.0f} GFLOP/s "
-          f"({'spec sheet' if device.type == 'cuda' else 'measured'}); load {load()}", flush=True)
+    print(f"device {name}; dense matmul rate " + ", ".join(f"{p} {r / 1e9:,.0f} GFLOP/s" for p, r in rates.items())
+          + f" ({'spec sheet' if device.type == 'cuda' else 'measured'}); load {load()}", flush=True)
     args.cache.mkdir(parents=True, exist_ok=True)
     text, spm_dir = demo_text(args.cache)
     rows = demo_rows(text, spm_dir, args.batch * (args.steps + 3))
     results = []
-    for size in args.sizes.split(","):
-        for vocab in map(int, args.vocabs.split(",")):
-            if size != "tiny" and vocab != 32000:
-                continue  # the targets name tiny at 100k; small at 32k
-            data = batches(rows, args.batch, vocab, args.steps + 3)
-            mask_frac = float(np.mean([lay.n / lay.tokens for _, _, lay in data]))
-            r = {"size": size, "vocab": vocab, "engine": engine_only(size, vocab, data, device, precision)}
-            if args.breakdown:
-                r["plain_sparse"] = sparse_plain(size, vocab, data, device)
-                r["engine_no_dropout"] = engine_only(size, vocab, data, device, precision, dropout=0.0)
-                if vocab == 32000:
-                    shards = bench_shards(text, spm_dir, args.cache)
-                    r["stream_loop"] = stream_loop(size, shards, args.batch, args.steps, device, precision)
-            r["hf"] = hf_loop(size, vocab, data, device, precision)
-            if vocab == 32000 and args.uer:
-                r["uer"] = uer_loop(size, args.uer, text, spm_dir, args.cache, args.windows, args.batch)
-            if vocab == 32000 and not args.no_real:
-                r["real"] = real_loop(size, text, spm_dir, args.cache, args.windows, args.batch)
-            r["mfu"] = r["engine"] * flops_per_token(ModelConfig(size=size), vocab, SEQ, mask_frac) / rate
-            r["load"] = load()
-            results.append(r)
-            print("  " + "  ".join(f"{k} {v:,.0f}" if isinstance(v, float) and k != "mfu" else f"{k} {v}"
-                                   for k, v in r.items()), flush=True)
-    print_table(results, args.breakdown)
+    uer: dict[str, float] = {}
+    for size, vocab, precision in [(s, v, p) for s in args.sizes.split(",") for v in map(int, args.vocabs.split(","))
+                                   for p in precisions]:
+        if size != "tiny" and vocab != 32000:
+            continue  # the targets name tiny at 100k; small at 32k
+        data = batches(rows, args.batch, vocab, args.steps + 3)
+        mask_frac = float(np.mean([lay.n / lay.tokens for _, _, lay in data]))
+        r = {"size": size, "vocab": vocab, "precision": precision,
+             "engine": engine_only(size, vocab, data, device, precision)}
+        if args.breakdown:
+            r["plain_sparse"] = sparse_plain(size, vocab, data, device)
+            r["engine_no_dropout"] = engine_only(size, vocab, data, device, precision, dropout=0.0)
+            if vocab == 32000:
+                shards = bench_shards(text, spm_dir, args.cache)
+                r["stream_loop"] = stream_loop(size, shards, args.batch, args.steps, device, precision)
+        r["hf"] = hf_loop(size, vocab, data, device, precision)
+        if vocab == 32000 and args.uer:
+            if size not in uer:
+                uer[size] = uer_loop(size, args.uer, text, spm_dir, args.cache, args.windows, args.batch)
+            r["uer"] = uer[size]
+        if vocab == 32000 and not args.no_real:
+            r["real"] = real_loop(size, text, spm_dir, args.cache, args.windows, args.batch, precision)
+        r["mfu"] = r["engine"] * flops_per_token(ModelConfig(size=size), vocab, SEQ, mask_frac) / rates[precision]
+        r["load"] = load()
+        results.append(r)
+        print("  " + "  ".join(f"{k} {v:,.0f}" if isinstance(v, float) and k != "mfu" else f"{k} {v}"
+                               for k, v in r.items()), flush=True)
+    print_table(results, args.breakdown, precisions)
 
 
-def print_table(results: list[dict], breakdown: bool) -> None:
+def print_table(results: list[dict], breakdown: bool, precisions: list[str]) -> None:
     def num(r, key):
         return f"{r[key]:,.0f}" if key in r else "–"
 
     def ratio(r, a, b):
         return f"{r[a] / r[b]:.2f}x" if a in r and b in r else "–"
     extra = ["plain_sparse", "engine_no_dropout", "stream_loop"] if breakdown else []
-    print("\n| size | vocab | real loop tok/s | engine tok/s | " + "".join(f"{k} tok/s | " for k in extra)
+    print("\n| size | vocab | precision | real loop tok/s | engine tok/s | " + "".join(f"{k} tok/s | " for k in extra)
           + "HF loop tok/s | UER-py tok/s | real/UER | real/engine | engine/HF | engine MFU | load |")
-    print("|---" * (11 + len(extra)) + "|")
+    print("|---" * (12 + len(extra)) + "|")
     for r in results:
-        print(f"| {r['size']} | {r['vocab']:,} | {num(r, 'real')} | {num(r, 'engine')} | "
+        print(f"| {r['size']} | {r['vocab']:,} | {r['precision']} | {num(r, 'real')} | {num(r, 'engine')} | "
               + "".join(f"{num(r, k)} | " for k in extra)
               + f"{num(r, 'hf')} | {num(r, 'uer')} | {ratio(r, 'real', 'uer')} | {ratio(r, 'real', 'engine')} | "
               f"{ratio(r, 'engine', 'hf')} | {r['mfu']:.1%} | {r['load']} |")
     print()
     for r in results:
         label = r["size"] if r["vocab"] == 32000 else f"{r['size']}@{r['vocab'] // 1000}k"
+        label += "" if len(precisions) == 1 else f"-{r['precision']}"
         print(f"{label} {r['engine']:.0f} {r['hf']:.0f} {r['engine'] / r['hf']:.2f}x")
     for r in results:
         if "uer" in r and "real" in r:
-            print(f"uer {r['size']} {r['real']:.0f} {r['uer']:.0f} {r['real'] / r['uer']:.2f}x")
+            label = r["size"] + ("" if len(precisions) == 1 else f"-{r['precision']}")
+            print(f"uer {label} {r['real']:.0f} {r['uer']:.0f} {r['real'] / r['uer']:.2f}x")
 
 
 if __name__ == "__main__":

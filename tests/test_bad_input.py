@@ -250,6 +250,8 @@ CASES = [
          "enables fp16, but precision=auto (auto: bf16 on GPU) trains bf16"),
     case("pretrain-ds-fp16-with-bf16", lambda ws, t: (pretrain_argv(ws, t, "precision=bf16", "ds_config=zero2_fp16"),
                                                       "ds_config zero2_fp16"), "set precision=fp16"),
+    case("pretrain-bf16-without-zero", lambda ws, t: (pretrain_argv(ws, t, "precision=bf16", "zero_stage=0"),
+                                                      "zero_stage 0"), "use zero_stage 1-3"),
     # -- pretrain: shards
     case("pretrain-seq-length-over-positions", lambda ws, t: (pretrain_argv(ws, t, "model.max_positions=64"),
                                                               "model.max_positions"), "seq_length 128 exceeds"),
@@ -272,6 +274,8 @@ CASES = [
          "saved with model.size 'mini', this run has 'tiny'"),
     case("pretrain-resume-other-window", lambda ws, t: (resumable(ws, t, saved=["shuffle_window=4"]),
                                                         "shuffle_window"), "saved with shuffle_window 4"),
+    case("pretrain-resume-other-precision", lambda ws, t: (resumable(ws, t, saved=["precision=bf16"]), "precision"),
+         "resume with precision=bf16"),
     case("pretrain-resume-other-shards", lambda ws, t: (resumable(ws, t, rows=999), "stages.0.shards"),
          "has rows 1000, the run was trained on shards with rows 999"),
     # -- export

@@ -207,6 +207,9 @@ RESUME_KEYS = {
     "mask.prob": None, "mask.span": None, "mask.span_p": None, "mask.span_max": None,
     "model.size": None, "model.layers": None, "model.hidden": None, "model.heads": None,
     "model.ffn": None, "model.max_positions": None, "model.vocab_size": None,
+    # DeepSpeed's files differ by precision and ZeRO stage (bf16 keeps its fp32 master
+    # weights in other files than fp32's optimizer): another one fails late, in a worker
+    "precision": None, "zero_stage": None,
 }
 # What identifies a stage's shards (wherever they are now: a copy to S3 is the same set).
 SHARD_KEYS = ("rows", "seq_length", "packing", "spm_sha256")

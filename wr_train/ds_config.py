@@ -84,6 +84,11 @@ def build_ds_config(cfg: PretrainConfig, stage: StageConfig, world: int) -> dict
         # of a CPU step (measured, bench/pretrain_throughput.py). Same math at stage 0.
         # bf16/fp16 keep their stage: ZeRO holds their fp32 master weights.
         zero["stage"] = 0
+    if zero.get("stage", 0) == 0 and precision != "fp32":
+        # Without ZeRO, DeepSpeed keeps the fp32 master weights only inside its optimizer
+        # wrapper: the checkpoint's module (what export and the next stage read) is 16-bit.
+        raise ConfigError(f"zero_stage 0 with precision {precision}: the checkpoint would keep only "
+                          f"{precision} weights; use zero_stage 1-3 (ZeRO holds the fp32 master weights)")
     ds["train_micro_batch_size_per_gpu"] = stage.micro_batch
     ds["gradient_accumulation_steps"] = accum
     ds["train_batch_size"] = stage.micro_batch * accum * world

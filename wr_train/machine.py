@@ -62,4 +62,15 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
             if key in name:
                 return value if dtype != torch.float32 else value / 2
         return measure_matmul_flops(dtype, 4096, device=device)
-    return measure_matmul_flops(torch.float32, 2048)
+    return measure_matmul_flops(dtype, 2048)  # bf16 on a CPU with AMX runs several times fp32's rate
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (Intel AMX tiles): there a bf16 step
+    beats fp32 (the demo's tiny step, 2 workers: ~48k vs ~37k tok/s, bench/RESULTS.md);
+    elsewhere bf16 is emulated and slower than fp32."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(check and check())
+    except RuntimeError:
+        return False

@@ -45,9 +45,9 @@ def pretrain_summary(final: dict, seconds: float) -> str:
                    "bench/RESULTS.md).")
     else:
         verdict = "The model reads the context: it predicts masked words better than their frequencies."
+    rate = f" at ~{final['tokens_per_s'] / 1000:.0f}k tokens/s" if final.get("tokens_per_s") else ""
     return (f"{head}\n{verdict} The seed's recipe (1M steps at batch 512) sees ~10,000x more "
-            f"tokens, which a GPU cluster runs in hours; on this CPU `--steps` buys more at ~25k "
-            f"tokens/s.")
+            f"tokens, which a GPU cluster runs in hours; on this CPU `--steps` buys more{rate}.")
 
 
 def _banner(text: str) -> None:
@@ -60,6 +60,7 @@ def run_demo(out: str = "demo_out", steps: int | None = None, verbose: bool = Fa
     from wr_train.corpus import preprocess
     from wr_train.demo.data import build_demo
     from wr_train.export import export_checkpoint, fill_mask_table
+    from wr_train.machine import cpu_has_bf16_matmul
     from wr_train.tokenizer import train_spm
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -94,8 +95,11 @@ def run_demo(out: str = "demo_out", steps: int | None = None, verbose: bool = Fa
     else:
         print(f"reusing {shards}")
 
-    _banner("4/6 pretrain the tiny model: Ray Train, 2 workers, DeepSpeed ZeRO-2")
     cfg = load_config("demo-tiny", [f"storage={root / 'runs'}", "name=demo-tiny"])
+    if cfg.precision == "bf16" and not cpu_has_bf16_matmul():
+        cfg.precision = "fp32"  # emulated bf16 is slower than fp32 on such a CPU
+        print("this CPU has no AMX (hardware bf16): pretraining in fp32")
+    _banner(f"4/6 pretrain the tiny model: Ray Train, 2 workers, DeepSpeed ZeRO-{cfg.zero_stage}, {cfg.precision}")
     cfg.stages[0].shards = str(shards)
     if steps:
         cfg.stages[0].steps = steps
