@@ -5,7 +5,7 @@ import torch
 
 from wr_train.config import ModelConfig
 from wr_train.masking import mask_batch
-from wr_train.model import SparseMLM, build_mlm, flops_per_token
+from wr_train.model import TARGET_BUCKET, SparseMLM, TargetLayout, build_mlm, flops_per_token
 
 
 @pytest.mark.parametrize("size", ["tiny", "mini"])
@@ -18,6 +18,8 @@ def test_sparse_loss_equals_hf_full_loss(size):
     rows[1, 40:] = 0                      # padding in one row
     ids, labels = mask_batch(rows, np.arange(6), epoch=0, seed=3, vocab_size=3000)
     ids, labels = torch.from_numpy(ids), torch.from_numpy(labels)
+    layout = TargetLayout.of(ids.numpy(), labels.numpy())
+    assert len(layout.targets) % TARGET_BUCKET == 0 and len(layout.targets) > layout.n  # padded head rows
     loss, correct, n = SparseMLM(mlm)(ids, labels)
     ref = mlm(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels)
     assert n == int((labels != -100).sum()) > 0
@@ -32,6 +34,21 @@ def test_sparse_loss_equals_hf_full_loss(size):
     for k, p in mlm.named_parameters():
         ref_g = p.grad if p.grad is not None else torch.zeros_like(p)
         assert torch.allclose(g_ours.get(k, torch.zeros_like(p)), ref_g, rtol=1e-4, atol=1e-6), k
+
+
+def test_padded_head_rows_count_for_nothing():
+    """The head's rows past the targets (up to TARGET_BUCKET) predict [PAD] here; they
+    must add no correct prediction and no loss."""
+    mlm = build_mlm(ModelConfig(size="tiny"), 1000, seed=1).eval()
+    with torch.no_grad():
+        mlm.cls.predictions.bias[0] = 1e4   # every row's top logit is [PAD] (id 0)
+    rows = np.random.default_rng(0).integers(15, 1000, size=(2, 40))
+    ids, labels = mask_batch(rows, np.arange(2), epoch=0, seed=3, vocab_size=1000)
+    ids, labels = torch.from_numpy(ids), torch.from_numpy(labels)
+    loss, correct, n = SparseMLM(mlm)(ids, labels)
+    assert int(correct) == 0 and n % TARGET_BUCKET
+    ref = mlm(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels)
+    assert torch.allclose(loss, ref.loss, rtol=1e-5)
 
 
 def test_flops_per_token_counts_the_sparse_last_layer():

@@ -74,3 +74,8 @@ def cpu_has_bf16_matmul() -> bool:
         return bool(check and check())
     except RuntimeError:
         return False
+
+
+def cpu_precision(precision: str) -> str:
+    """A recipe's precision on this CPU: bf16 only where AMX multiplies it in hardware."""
+    return "fp32" if precision == "bf16" and not cpu_has_bf16_matmul() else precision

@@ -61,6 +61,7 @@ def sinusoidal_positions(n: int, dim: int) -> torch.Tensor:
 
 
 QUERY_BUCKET = 8  # the last layer's query length is the most targets in a row, rounded up to this
+TARGET_BUCKET = 32  # the head's rows: the micro-batch's target count, rounded up to this
 
 
 @dataclass
@@ -72,7 +73,9 @@ class TargetLayout:
     rows: object     # [M] row of each target (row-major order, as labels[labels != IGNORE])
     cols: object     # [M] its position in the row
     slot: object     # [M] its place among its row's targets: the last layer's query index
-    targets: object  # [M] the token ids to predict
+    targets: object  # [M'] the token ids to predict, then IGNORE up to M' (M rounded up to
+    #                  TARGET_BUCKET): the head's matmuls see a few shapes, not a new one per
+    #                  step (oneDNN's bf16 CPU kernels and CUDA graphs are made per shape)
     q_len: int       # queries per row in the last layer (>= the most targets in any row)
     n: int           # M
     tokens: int      # non-pad tokens of the micro-batch
@@ -85,7 +88,10 @@ class TargetLayout:
         slot = (np.cumsum(where, axis=1) - 1)[rows, cols]
         most = int(where.sum(axis=1).max()) if where.size else 0
         q_len = max(QUERY_BUCKET, -(-most // QUERY_BUCKET) * QUERY_BUCKET)
-        return TargetLayout(rows, cols, slot, labels[rows, cols], q_len, int(rows.size),
+        targets = np.full(max(TARGET_BUCKET, -(-rows.size // TARGET_BUCKET) * TARGET_BUCKET), IGNORE,
+                          dtype=np.int64)
+        targets[:rows.size] = labels[rows, cols]
+        return TargetLayout(rows, cols, slot, targets, q_len, int(rows.size),
                             int((ids != PAD).sum()), bool((ids == PAD).any()))
 
     def pinned(self) -> "TargetLayout":
@@ -132,13 +138,16 @@ class SparseMLM(nn.Module):
         queries = x.new_zeros(x.shape[0], layout.q_len, x.shape[-1])
         queries = queries.index_put((rows, slot), x[rows, cols])
         picked = self._layer(layers[-1], queries, x, key_mask)[rows, slot]   # [M, H]
+        picked = F.pad(picked, (0, 0, 0, layout.targets.shape[0] - layout.n))  # [M', H]: zero rows
         head = self.mlm.cls.predictions
-        logits = head.decoder(head.transform(picked)).float()   # [M, V]
-        loss = F.cross_entropy(logits, layout.targets, reduction="sum") / max(layout.n, 1)
+        logits = head.decoder(head.transform(picked)).float()   # [M', V]
+        targets = layout.targets
+        loss = F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE) / max(layout.n, 1)
         # correct: the target's logit is the largest (a tie counts; in float they do not
         # happen). A max is ~6x cheaper than an argmax over [M, V] on CPU (5.7 vs 37 ms at
         # 600 × 20k, one thread).
-        correct = (logits.gather(1, layout.targets[:, None]).squeeze(1) >= logits.amax(-1)).sum()
+        hit = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1) >= logits.amax(-1)
+        correct = (hit & (targets != IGNORE)).sum()
         return loss, correct, layout.n
 
     def _layer(self, layer, x_q: torch.Tensor, x_kv: torch.Tensor, key_mask) -> torch.Tensor:

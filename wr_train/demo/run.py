@@ -60,7 +60,7 @@ def run_demo(out: str = "demo_out", steps: int | None = None, verbose: bool = Fa
     from wr_train.corpus import preprocess
     from wr_train.demo.data import build_demo
     from wr_train.export import export_checkpoint, fill_mask_table
-    from wr_train.machine import cpu_has_bf16_matmul
+    from wr_train.machine import cpu_precision
     from wr_train.tokenizer import train_spm
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -96,8 +96,8 @@ def run_demo(out: str = "demo_out", steps: int | None = None, verbose: bool = Fa
         print(f"reusing {shards}")
 
     cfg = load_config("demo-tiny", [f"storage={root / 'runs'}", "name=demo-tiny"])
-    if cfg.precision == "bf16" and not cpu_has_bf16_matmul():
-        cfg.precision = "fp32"  # emulated bf16 is slower than fp32 on such a CPU
+    if cpu_precision(cfg.precision) != cfg.precision:
+        cfg.precision = cpu_precision(cfg.precision)  # emulated bf16 is slower than fp32
         print("this CPU has no AMX (hardware bf16): pretraining in fp32")
     _banner(f"4/6 pretrain the tiny model: Ray Train, 2 workers, DeepSpeed ZeRO-{cfg.zero_stage}, {cfg.precision}")
     cfg.stages[0].shards = str(shards)
