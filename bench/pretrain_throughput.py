@@ -30,6 +30,7 @@ Ends with one line per size/vocab: `<size> <engine tok/s> <hf tok/s> <ratio>x`, 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -306,8 +307,8 @@ def main() -> None:
     rows = demo_rows(text, spm_dir, args.batch * (args.steps + 3))
     results = []
     uer: dict[str, float] = {}
-    for size, vocab, precision in [(s, v, p) for s in args.sizes.split(",") for v in map(int, args.vocabs.split(","))
-                                   for p in precisions]:
+    for size, vocab, precision in itertools.product(args.sizes.split(","), map(int, args.vocabs.split(",")),
+                                                    precisions):
         if size != "tiny" and vocab != 32000:
             continue  # the targets name tiny at 100k; small at 32k
         data = batches(rows, args.batch, vocab, args.steps + 3)
@@ -350,15 +351,15 @@ def print_table(results: list[dict], breakdown: bool, precisions: list[str]) -> 
               + "".join(f"{num(r, k)} | " for k in extra)
               + f"{num(r, 'hf')} | {num(r, 'uer')} | {ratio(r, 'real', 'uer')} | {ratio(r, 'real', 'engine')} | "
               f"{ratio(r, 'engine', 'hf')} | {r['mfu']:.1%} | {r['load']} |")
+    def label(r, with_vocab: bool) -> str:  # tiny, tiny@100k, tiny-bf16 (precision named when several)
+        vocab = f"@{r['vocab'] // 1000}k" if with_vocab and r["vocab"] != 32000 else ""
+        return r["size"] + vocab + ("" if len(precisions) == 1 else f"-{r['precision']}")
     print()
     for r in results:
-        label = r["size"] if r["vocab"] == 32000 else f"{r['size']}@{r['vocab'] // 1000}k"
-        label += "" if len(precisions) == 1 else f"-{r['precision']}"
-        print(f"{label} {r['engine']:.0f} {r['hf']:.0f} {r['engine'] / r['hf']:.2f}x")
+        print(f"{label(r, True)} {r['engine']:.0f} {r['hf']:.0f} {r['engine'] / r['hf']:.2f}x")
     for r in results:
         if "uer" in r and "real" in r:
-            label = r["size"] + ("" if len(precisions) == 1 else f"-{r['precision']}")
-            print(f"uer {label} {r['real']:.0f} {r['uer']:.0f} {r['real'] / r['uer']:.2f}x")
+            print(f"uer {label(r, False)} {r['real']:.0f} {r['uer']:.0f} {r['real'] / r['uer']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -97,9 +97,10 @@ def run_demo(out: str = "demo_out", steps: int | None = None, verbose: bool = Fa
         print(f"reusing {shards}")
 
     cfg = load_config("demo-tiny", [f"storage={root / 'runs'}", "name=demo-tiny"])
-    if cpu_precision(cfg.precision) != cfg.precision:
-        cfg.precision = cpu_precision(cfg.precision)  # emulated bf16 is slower than fp32
-        print("this CPU has no AMX (hardware bf16): pretraining in fp32")
+    precision = cpu_precision(cfg.precision)
+    if precision != cfg.precision:  # emulated bf16 is slower than fp32
+        print(f"this CPU has no AMX (hardware bf16): pretraining in {precision}")
+        cfg.precision = precision
     _banner(f"4/6 pretrain the tiny model: Ray Train, 2 workers, DeepSpeed ZeRO-{cfg.zero_stage}, {cfg.precision}")
     cfg.stages[0].shards = str(shards)
     if steps:
