@@ -2,9 +2,10 @@
 with 1: the same masked micro-batches must give the same loss at every step.
 
 1. The real worker loop (Ray Train, one worker, fp32, ZeRO stage 0, gradient
-   accumulation 2, dropout 0) against a plain `BertForMaskedLM` loop: torch AdamW with
-   the same parameter groups, `get_linear_schedule_with_warmup`, the same clipping,
-   fed the micro-batches the worker's stream yields.
+   accumulation 2, dropout 0, torch's fused AdamW) against a plain `BertForMaskedLM`
+   loop: torch's unfused AdamW with the same parameter groups,
+   `get_linear_schedule_with_warmup`, the same clipping, fed the micro-batches the
+   worker's stream yields.
 2. `build_engine` + `train_step` on 2 workers with ZeRO-2 (each rank its half of every
    global batch) against 1 worker with accumulation 2 over the same global batches.
 """
@@ -108,9 +109,11 @@ def _replay_loop(config: dict) -> None:
         dist.all_reduce(targets)
         losses.append(float(sums[0] / targets[0]))
     if rank == 0:
+        opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # under ZeRO's wrapper
         with open(config["out"], "w") as f:
             json.dump({"losses": losses, "zero": engine.zero_optimization_stage(),
-                       "accum": engine.gradient_accumulation_steps()}, f)
+                       "accum": engine.gradient_accumulation_steps(),
+                       "optimizer": type(opt).__name__, "fused": opt.defaults.get("fused")}, f)
 
 
 def replay(cfg: PretrainConfig, vocab: int, micro_batches: list, out: str) -> dict:
@@ -140,6 +143,8 @@ def test_two_workers_zero2_match_one_worker_on_the_same_global_batches(ray_local
     a = replay(one, manifest["vocab_size"], [micro], str(tmp_path / "one.json"))
     b = replay(two, manifest["vocab_size"], [micro[0::2], micro[1::2]], str(tmp_path / "two.json"))
     assert (a["zero"], a["accum"]) == (0, 2) and (b["zero"], b["accum"]) == (2, 1)
+    # torch's fused AdamW on both (the plain loop above runs torch's unfused default)
+    assert {(r["optimizer"], r["fused"]) for r in (a, b)} == {("AdamW", True)}
     assert a["losses"][-1] < a["losses"][0] - 0.5
     for step, (x, y) in enumerate(zip(a["losses"], b["losses"]), 1):
         assert x == pytest.approx(y, rel=1e-4), (step, x, y)

@@ -161,12 +161,9 @@ def predict(model, data: Encoded, device, amp_dtype, batch_size: int, pad_id: in
 
 
 def _optimizer(model, cfg: FinetuneConfig):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    """Pretraining's AdamW groups (no decay on biases and LayerNorm), fused as pretraining's."""
+    from wr_train.engine import param_groups
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
 
 
 def _schedule(optimizer, warmup_steps: int, total_steps: int):
