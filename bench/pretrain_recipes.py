@@ -159,9 +159,8 @@ def main() -> None:
                   f"{r['below_floor']:+.3f} acc {r['eval_acc']:.1%} steps {r['steps_s']:.0f}s "
                   f"evals {r['evals']}", flush=True)
         return
-    import ray
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    from wr_train.local_ray import ensure_ray
+    ensure_ray(local=True, num_cpus=4)  # as `wr-train` starts it (worker environment, dashboard)
     load = os.getloadavg()[0]
     print(f"load {load:.2f}", flush=True)
     for point in args.point:

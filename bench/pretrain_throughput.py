@@ -16,8 +16,10 @@ cache), seq 128, batch 32, fp32 on CPU, one worker, every row in this one run:
   spm, every CPU as torch threads; the best tok/s of its reports after the first (it counts
   batch × seq: every position is text with --full_sentences).
 - `--breakdown` adds where the time goes: SparseMLM in a plain torch AdamW loop (no
-  DeepSpeed), the engine with dropout 0, and the worker's loop outside Ray (`stream_loop`:
-  RowStream + the masking thread + engine.train_step in the bench's own process).
+  DeepSpeed), the engine with dropout 0, the engine with torch's unfused AdamW (what
+  DeepSpeed's torch_adam builds by default), and the worker's loop outside Ray
+  (`stream_loop`: RowStream + the masking thread + engine.train_step in the bench's own
+  process).
 Engine and HF rows: the best of --repeat timed passes (single timings on a shared VM move
 ±25%). Counts non-pad tokens. MFU = tokens/s × FLOPs per token the sparse model needs, over the
 dense fp32 (CPU) / bf16 (GPU) matmul rate measured at the start of this run.
@@ -117,15 +119,18 @@ def time_loop(step_fn, data, device, warmup: int = 3) -> float:
     return best
 
 
-def engine_only(size: str, vocab: int, data, device, precision: str, dropout: float = 0.1) -> float:
+def engine_only(size: str, vocab: int, data, device, precision: str, dropout: float = 0.1,
+                fused_adam: bool = True) -> float:
     import deepspeed
     keep_freed_memory(True)   # as wr-train's worker does
     mlm = build_mlm(ModelConfig(size=size, dropout=dropout), vocab).to(device)
     cfg = PretrainConfig(workers=1, gpu=device.type == "cuda", zero_stage=1, precision=precision,
                          stages=[StageConfig(shards="-", steps=1000, global_batch=len(data[0][0]),
                                              micro_batch=len(data[0][0]), lr=1e-4)])
+    ds = build_ds_config(cfg, cfg.stages[0], 1)
+    ds["optimizer"]["params"]["fused"] = fused_adam  # False: torch's default AdamW (a --breakdown row)
     engine, *_ = deepspeed.initialize(model=SparseMLM(mlm), model_parameters=param_groups(mlm, 0.01),
-                                      config=build_ds_config(cfg, cfg.stages[0], 1))
+                                      config=ds)
 
     def step(ids, labels, layout):
         loss, _, _ = engine(ids, None, layout)
@@ -318,6 +323,7 @@ def main() -> None:
         if args.breakdown:
             r["plain_sparse"] = sparse_plain(size, vocab, data, device)
             r["engine_no_dropout"] = engine_only(size, vocab, data, device, precision, dropout=0.0)
+            r["engine_unfused_adam"] = engine_only(size, vocab, data, device, precision, fused_adam=False)
             if vocab == 32000:
                 shards = bench_shards(text, spm_dir, args.cache)
                 r["stream_loop"] = stream_loop(size, shards, args.batch, args.steps, device, precision)
@@ -342,7 +348,7 @@ def print_table(results: list[dict], breakdown: bool, precisions: list[str]) -> 
 
     def ratio(r, a, b):
         return f"{r[a] / r[b]:.2f}x" if a in r and b in r else "–"
-    extra = ["plain_sparse", "engine_no_dropout", "stream_loop"] if breakdown else []
+    extra = ["plain_sparse", "engine_no_dropout", "engine_unfused_adam", "stream_loop"] if breakdown else []
     print("\n| size | vocab | precision | real loop tok/s | engine tok/s | " + "".join(f"{k} tok/s | " for k in extra)
           + "HF loop tok/s | UER-py tok/s | real/UER | real/engine | engine/HF | engine MFU | load |")
     print("|---" * (12 + len(extra)) + "|")

@@ -95,7 +95,7 @@ def pretrain_model(work: Path, kind: str, size: str, shards: Path, steps: int, b
         log(f"pretraining {run_name}: {steps} steps × batch {batch} on {shards.name}")
         cfg = load_config("demo-tiny", [
             f"storage={work / 'runs'}", f"name={run_name}", f"model.size={size}",
-            f"workers={workers}", f"checkpoint_every={max(1, steps // 7)}", "report_every=25",
+            f"workers={workers}", f"checkpoint_every={max(1, steps // 6)}", f"report_every={max(25, steps // 240)}",
             f"stages.0.shards={shards}", f"stages.0.steps={steps}",
             f"stages.0.global_batch={batch}", f"stages.0.micro_batch={batch // workers}",
             f"stages.0.lr={lr}", f"precision={precision}"])
@@ -213,8 +213,21 @@ def findings(args, results: dict, pretrain_info: dict, vocab_ratio: float) -> li
     return lines + [""]
 
 
-def write_report(path: Path, args, grid: dict, tok_stats: dict, results: dict, curves_png: str,
-                 timings: dict, pretrain_info: dict) -> None:
+def eval_curve_table(curves: dict[str, list[dict]], pretrain_info: dict) -> list[str]:
+    """The held-out evaluations along each run (the plot's points), as nats below its floor."""
+    evals = {k: {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r} for k, rows in curves.items()}
+    steps = sorted({s for e in evals.values() for s in e})
+    lines = ["", "Along the way (held-out eval loss, nats below the model's floor in brackets):", "",
+             "| model | " + " | ".join(f"{s:,}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for key, e in evals.items():
+        floor = pretrain_info[key]["floor_entropy"]
+        lines.append(f"| {key} | " + " | ".join(f"{e[s]:.3f} ({floor - e[s]:.2f})" if s in e else "–"
+                                               for s in steps) + " |")
+    return lines
+
+
+def write_report(path: Path, args, grid: dict, tok_stats: dict, results: dict, curves: dict,
+                 curves_png: str, timings: dict, pretrain_info: dict) -> None:
     lines = ["# Word vs char, pretrained vs scratch, in miniature", "",
              f"Written by `{' '.join(['python bench/reproduce.py', *sys.argv[1:]])}`" +
              f" on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} CPUs, no GPU), in "
@@ -233,7 +246,7 @@ def write_report(path: Path, args, grid: dict, tok_stats: dict, results: dict, c
               "example of a given length needs that many fewer positions.", ""]
     lines += ["## 2. Pretraining at equal compute", "",
               f"Each model: {args.steps} steps × global batch {args.batch} × seq 128 rows "
-              f"({args.steps * args.batch:,} rows), lr {args.lr:g} (5% warmup, constant, linear decay over the last 20%; no dropout; Adam beta2 0.98: demo-tiny's schedule), "
+              f"({args.steps * args.batch:,} rows), lr {args.lr:g} (demo-tiny's recipe otherwise: 5% warmup, constant, linear decay over the last 20%; no dropout; Adam beta2 0.98), "
               f"AdamW, {args.workers} Ray Train worker(s) under DeepSpeed, {args.precision} on CPU. The char "
               "model sees the same number of positions, hence less text.", "",
               "| model | held-out eval loss | unigram floor (nats) | below the floor | eval MLM acc | "
@@ -247,6 +260,7 @@ def write_report(path: Path, args, grid: dict, tok_stats: dict, results: dict, c
               "masks, at the end of pretraining. The unigram floor is the loss of a model that ignores the context and predicts "
               "token frequencies; the most-frequent-token accuracy is the accuracy of always "
               "guessing the commonest token. A model near both has learned little beyond frequencies."]
+    lines += eval_curve_table(curves, pretrain_info)
     lines += ["", f"![pretraining loss]({curves_png})", "",
               "Loss values of word and char models are not comparable with each other (different "
               "vocabularies and targets: a masked word vs a masked character).", ""]
@@ -300,15 +314,17 @@ def main(argv=None) -> int:
                     help="where data, tokenizers, shards, runs and sweeps go (reused when present)")
     ap.add_argument("--sizes", default="tiny", help="comma list of presets (tiny, mini)")
     ap.add_argument("--word-vocab", type=int, default=20_000)
-    # ~20 min per pretrained model on 2 cores (both workers busy), demo-tiny's schedule
-    # shape (bench/RESULTS.md: lr 2e-3, beta2 0.98, no dropout, decay over the last 20%)
-    ap.add_argument("--steps", type=int, default=2800, help="pretraining steps per model")
-    ap.add_argument("--batch", type=int, default=64, help="global pretraining batch")
-    ap.add_argument("--lr", type=float, default=2e-3)
+    # demo-tiny's recipe (batch 32, lr 1e-3, beta2 0.98, no dropout, decay over the last 20%;
+    # bench/RESULTS.md), bf16 on an AMX CPU: 14,400 steps are ~32 min for word (20k vocab) and
+    # ~19 for char on 2 cores, both workers busy. At 12,000 steps word-tiny ended 1.29 nats
+    # below its floor, still taking off (RESULTS.md, "The reproduction, rerun").
+    ap.add_argument("--steps", type=int, default=14400, help="pretraining steps per model")
+    ap.add_argument("--batch", type=int, default=32, help="global pretraining batch")
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--workers", type=int, default=2, help="Ray Train workers per pretraining run")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                    help="pretraining precision (REPRODUCE.md was made in fp32; bf16 is ~1.3x faster "
-                         "on a CPU with AMX, slower elsewhere)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="pretraining precision; auto: bf16 on a CPU with AMX (~1.3x faster, same "
+                         "losses), fp32 elsewhere")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", default="3")
     ap.add_argument("--batch-sizes", default="32")
@@ -318,6 +334,9 @@ def main(argv=None) -> int:
     ap.add_argument("--report", default=str(HERE / "REPRODUCE.md"))
     ap.add_argument("--quick", action="store_true", help="a smoke run: 30 steps, 1 seed, 200 examples")
     args = ap.parse_args(argv)
+    if args.precision == "auto":
+        from wr_train.machine import cpu_precision
+        args.precision = cpu_precision("bf16")
     if args.quick:
         args.steps, args.seeds, args.max_train, args.max_eval = 30, 1, 200, 200
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -346,14 +365,14 @@ def main(argv=None) -> int:
         log(f"{name} done in {took:.0f}s (total {(time.time() - t0) / 60:.1f} min)")
         return out
 
-    import ray
-
     from wr_train.demo.data import build_demo
+    from wr_train.local_ray import ensure_ray
     timed("data", lambda: build_demo(str(work / "demo"), log=log))
     corpus = str(work / "demo" / "corpus")
     spms = timed("tokenizers", lambda: build_tokenizers(work, corpus, args.word_vocab))
-    ray.init(address="local", include_dashboard=False, num_cpus=max(2, os.cpu_count() or 1),
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
+    # Ray started as `wr-train` starts it: the CPU workers' environment (OpenMP, huge pages,
+    # one malloc arena; bench/RESULTS.md) and the dashboard Ray Train's cleaner asks
+    ensure_ray(local=True, num_cpus=max(2, os.cpu_count() or 1))
     shards = timed("preprocess", lambda: build_shards(work, corpus, spms, 128))
     chars = corpus_chars(Path(corpus))
     tok_stats = {}
@@ -390,7 +409,8 @@ def main(argv=None) -> int:
     loss_plot(curves, png, {k: v["floor_entropy"] for k, v in pretrain_info.items()})
     timings["this_invocation"] = round(time.time() - t0, 1)
     timings["total"] = round(sum(v for k, v in timings.items() if k != "this_invocation"), 1)
-    write_report(Path(args.report), args, grid, tok_stats, results, png.name, timings, pretrain_info)
+    write_report(Path(args.report), args, grid, tok_stats, results, curves, png.name, timings,
+                 pretrain_info)
     log(f"wrote {args.report} and {png} in {timings['this_invocation'] / 60:.1f} min")
     print(Path(args.report).read_text(encoding="utf-8"))
     return 0
