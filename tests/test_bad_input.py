@@ -264,6 +264,10 @@ CASES = [
                                                     "part-00000.parquet"), "missing or truncated shard"),
     case("pretrain-unwritable-storage", lambda ws, t: (
         pretrain_argv(ws, t, "--storage", write(t, "blocker", "x") + "/runs"), "--storage"), "not writable"),
+    case("pretrain-unigram-bias-without-counts", lambda ws, t: (  # ws.shards has no token_counts.npy
+        pretrain_argv(ws, t, "model.output_bias=unigram"), "token_counts.npy"), "model.output_bias=unigram"),
+    case("pretrain-output-bias-unknown", lambda ws, t: (pretrain_argv(ws, t, "model.output_bias=log"), "model.output_bias"),
+         "expected 'zero' or 'unigram'"),
     # -- pretrain: resuming with other settings
     case("pretrain-resume-other-workers", lambda ws, t: (resumable(ws, t, world=1), "--workers"), "saved by 1 workers"),
     case("pretrain-resume-other-seed", lambda ws, t: (resumable(ws, t, saved=["seed=7"]), "seed"),

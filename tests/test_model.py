@@ -75,3 +75,26 @@ def test_init_options_reach_the_model():
     assert table[0, 1].item() == pytest.approx(0.02 / 0.5 ** 0.5)   # cos(0) = 1
     with pytest.raises(ConfigError, match="model.position_init"):
         ModelConfig(size="tiny", position_init="rope").resolved()
+
+
+def test_unigram_output_bias_predicts_the_floor():
+    """init_output_bias: with (nearly) zero weights the head's softmax is the add-one
+    smoothed unigram distribution at every position: the first loss is the floor, not log V."""
+    from wr_train.config import ConfigError
+    from wr_train.model import init_output_bias
+    vocab = 400
+    rng = np.random.default_rng(0)
+    counts = np.zeros(vocab, np.int64)
+    counts[15:] = (1e5 / np.arange(1, vocab - 14) ** 1.1).astype(np.int64)   # Zipf-like
+    mlm = build_mlm(ModelConfig(size="tiny", init_std=1e-4), vocab, seed=0).eval()  # ~no signal from weights
+    init_output_bias(mlm, counts)
+    p = (counts + 1.0) / (counts + 1.0).sum()
+    bias = mlm.cls.predictions.bias.detach().numpy()
+    assert np.allclose(bias - bias.mean(), np.log(p) - np.log(p).mean(), atol=1e-5)
+    assert mlm.cls.predictions.decoder.bias is mlm.cls.predictions.bias    # the head uses it
+    rows = rng.choice(vocab, p=p, size=(2, 64))
+    with torch.no_grad():
+        log_q = torch.log_softmax(mlm(input_ids=torch.from_numpy(rows)).logits, -1)   # [2, 64, V]
+    assert torch.allclose(log_q, torch.from_numpy(np.log(p)).float().expand_as(log_q), atol=0.01)
+    with pytest.raises(ConfigError, match="model.output_bias"):
+        ModelConfig(size="tiny", output_bias="log").resolved()

@@ -126,12 +126,30 @@ def test_two_stage_recipe_switches_seq_length(ray_local, small_corpus, tiny_spm,
     assert m[15]["loss"] < m[5]["loss"] - 0.2, (m[5]["loss"], m[10]["loss"], m[15]["loss"])
 
 
-def test_bf16_on_cpu(pretrained_run, tmp_path):
+def test_bf16_on_cpu_with_demo_tinys_start(pretrained_run, tmp_path):
+    """bf16 as the demo runs it, and the demo's start (model.output_bias=unigram,
+    position_init=sinusoidal) reaching the workers: after 10 steps at lr <= 1e-3 the head's
+    bias is still the train tokens' log frequencies (a zero start moves ~0.01), and the
+    first evaluation sits near the unigram floor already."""
+    import numpy as np
+
+    from wr_train.checkpoint import fp32_weights
+    from wr_train.config import ModelConfig
+    from wr_train.shards import load_manifest, read_token_counts
     cfg, _ = pretrained_run
-    run = pretrain_cfg(cfg.stages[0].shards, tmp_path, "bf16", steps=10, precision="bf16")
-    verify_complete(pretrain.run(run))
+    run = pretrain_cfg(cfg.stages[0].shards, tmp_path, "bf16", steps=10, precision="bf16",
+                       model=ModelConfig(size="tiny", output_bias="unigram", position_init="sinusoidal"))
+    last = pretrain.run(run)
+    verify_complete(last)
     m = metrics_of(tmp_path / "bf16")
     assert m[10]["loss"] < m[5]["loss"] + 0.5 and m[10]["loss"] == m[10]["loss"]
+    vocab = load_manifest(run.stages[0].shards)["vocab_size"]
+    counts = read_token_counts(run.stages[0].shards, vocab) + 1.0
+    log_p = np.log(counts / counts.sum())
+    bias = fp32_weights(last)["cls.predictions.bias"].detach().numpy()
+    assert np.corrcoef(bias, log_p)[0, 1] > 0.99
+    assert np.abs((bias - bias.mean()) - (log_p - log_p.mean())).max() < 0.1
+    assert m[10]["eval_loss"] < m[10]["unigram_floor"] + 0.3   # a zero start is ~log V - floor above
 
 
 @pytest.mark.skipif(not cpu_supports_fp16(), reason="this CPU has no fp16 kernels; "

@@ -130,7 +130,11 @@ def test_demo_summary_says_where_the_model_stands():
     assert "0.04 nats above the floor" in at and "not yet to read the context" in at
     below = pretrain_summary({"step": 560, "eval_loss": 7.2, "eval_acc": 0.17, "unigram_floor": 7.97,
                               "unigram_acc": 0.0716}, 366)
-    assert "0.77 nats below the floor" in below and "reads the context" in below
+    assert "0.77 nats below the floor" in below and "The model reads the context" in below
+    assert "--steps 12000" in below                                # what a longer run changes
+    far = pretrain_summary({"step": 12000, "eval_loss": 5.86, "eval_acc": 0.097, "unigram_floor": 7.42,
+                            "unigram_acc": 0.061}, 1100)
+    assert "1.56 nats below the floor" in far and "fill-mask names words that fit" in far
     begun = pretrain_summary({"step": 1400, "eval_loss": 7.22, "eval_acc": 0.058, "unigram_floor": 7.42,
                               "unigram_acc": 0.061}, 240)
     assert "0.20 nats below the floor" in begun and "begun to read the context" in begun

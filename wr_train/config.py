@@ -46,6 +46,8 @@ class ModelConfig:
     init_std: float = 0.02  # std of the initial weights (BERT's initializer_range)
     position_init: str = "normal"  # "normal" (BERT's) or "sinusoidal" (the learned table starts
                                    # as the Transformer's sin/cos, scaled to init_std)
+    output_bias: str = "zero"  # the MLM head's bias at the start of pretraining: "zero" (BERT's)
+                               # or "unigram" (log frequencies of the shards' train tokens)
     vocab_size: int = 0  # 0 = taken from the spm model
 
     def resolved(self) -> "ModelConfig":
@@ -65,6 +67,8 @@ class ModelConfig:
                 raise ConfigError(f"model.{key}: expected a positive integer for size 'custom'")
         if out.position_init not in ("normal", "sinusoidal"):
             raise ConfigError(f"model.position_init: expected 'normal' or 'sinusoidal', got {out.position_init!r}")
+        if out.output_bias not in ("zero", "unigram"):
+            raise ConfigError(f"model.output_bias: expected 'zero' or 'unigram', got {out.output_bias!r}")
         if out.hidden % out.heads:
             raise ConfigError(f"model.hidden={out.hidden} is not divisible by model.heads={out.heads}")
         return out

@@ -48,6 +48,20 @@ def build_mlm(cfg: ModelConfig, vocab_size: int, seed: int = 0):
     return model
 
 
+def init_output_bias(mlm, token_counts) -> None:
+    """Start the MLM head's bias at the tokens' log frequencies (add-one smoothed): the
+    model predicts the unigram floor from step 0 instead of spending its first few hundred
+    steps, and its embeddings' capacity, learning frequencies (at lr 1e-3 an Adam-trained
+    bias moves ~1e-3 a step, and rare pieces sit ~10 nats below the commonest). Measured on
+    the demo at 2,400 steps: 0.06 nats lower held-out loss alone, 0.15-0.2 with the sin/cos
+    position table (bench/RESULTS.md, "How the demo's model starts")."""
+    c = np.asarray(token_counts, dtype=np.float64) + 1.0
+    log_p = np.log(c / c.sum())
+    bias = mlm.cls.predictions.bias
+    with torch.no_grad():
+        bias.copy_(torch.from_numpy(log_p - log_p.mean()).to(bias.dtype))
+
+
 def sinusoidal_positions(n: int, dim: int) -> torch.Tensor:
     """The Transformer's position encoding [n, dim] (sin on even, cos on odd features, unit
     amplitude): each offset is a fixed rotation of it, so attention can find neighbours

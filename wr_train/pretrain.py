@@ -33,7 +33,7 @@ from wr_train.config import ConfigError, PretrainConfig, from_dict, to_dict
 from wr_train.ds_config import build_ds_config, cpu_supports_fp16, resolve_precision, torch_dtype
 from wr_train.engine import build_engine, eval_line, eval_set, evaluate, train_step
 from wr_train.local_ray import ensure_ray, hide_prints, quiet_worker, root_cause_line, train_logging_config
-from wr_train.shards import CorpusError, load_manifest
+from wr_train.shards import CorpusError, load_manifest, read_token_counts
 
 
 # ---------------------------------------------------------------- the worker
@@ -171,13 +171,15 @@ def _train_stage(cfg: PretrainConfig, s: int, run_dir: str, w: _Worker, at: _Pos
 
 def _stage_engine(cfg: PretrainConfig, s: int, manifest: dict, w: _Worker, at: _Position, mid_stage: bool):
     """Stage `s`'s engine: mid-stage, the checkpoint's engine state and RNG; else fresh."""
-    from wr_train.model import build_mlm
+    from wr_train.model import build_mlm, init_output_bias
     mlm = build_mlm(cfg.model, manifest["vocab_size"], seed=cfg.seed)
     if at.local and not mid_stage:
         # A new stage starts from the last weights (fp32, gathered from any ZeRO stage)
         # with a fresh optimizer and schedule, as the seed's recipe does.
         load_stage_weights(mlm, fp32_weights(at.local), at.source)
         mlm.tie_weights()
+    elif not at.local and cfg.model.output_bias == "unigram":  # a fresh model (else: restored)
+        init_output_bias(mlm, read_token_counts(cfg.stages[s].shards, manifest["vocab_size"]))
     with hide_prints(w.verbose):
         engine = build_engine(cfg, cfg.stages[s], w.world, mlm)
     if mid_stage:
@@ -328,6 +330,11 @@ def preflight(cfg: PretrainConfig) -> None:
             raise ConfigError(f"stages.{i}.shards {st.shards}: made with another spm model than "
                               f"stages.0 (vocab {m['vocab_size']} vs {vocab}); all stages need one segmenter")
         vocab, sha = m["vocab_size"], m["spm_sha256"]
+    if cfg.model.output_bias == "unigram":
+        try:
+            read_token_counts(cfg.stages[0].shards, vocab)  # every stage has one segmenter (above)
+        except (CorpusError, storage.StorageError) as e:
+            raise ConfigError(f"model.output_bias=unigram: {e}") from None
     ds = build_ds_config(cfg, cfg.stages[0], cfg.workers)  # a bad ds_config fails here, not in a worker
     if ds["fp16"]["enabled"] and not cfg.gpu and not cpu_supports_fp16():
         raise ConfigError("precision fp16: this CPU has no fp16 kernels (DeepSpeed refuses it); "

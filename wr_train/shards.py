@@ -195,6 +195,21 @@ def load_manifest(shards: str) -> dict:
     return manifest
 
 
+def read_token_counts(shards: str, vocab_size: int) -> np.ndarray:
+    """How often each id occurs in the train rows ([vocab_size] int64, token_counts.npy)."""
+    import io
+    path = storage.join(shards, TOKEN_COUNTS)
+    try:
+        counts = np.load(io.BytesIO(storage.read_bytes(path)))
+    except (storage.StorageError, OSError, ValueError) as e:
+        raise CorpusError(f"{path}: expected the train tokens' counts that `wr-train preprocess` "
+                          f"writes ({e})") from None
+    if counts.shape != (vocab_size,):
+        raise CorpusError(f"{path}: expected {vocab_size} counts (the manifest's vocab_size), "
+                          f"found shape {counts.shape}")
+    return counts.astype(np.int64)
+
+
 def read_rows(shards: str, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(row_id, input_ids[n, L]) of one shard file."""
     import pyarrow.parquet as pq
