@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     dm = add("demo", "End to end on real text: demo data -> spm -> shards -> pretrain -> export -> fine-tune.")
     dm.add_argument("--out", default="demo_out")
     dm.add_argument("--steps", type=int, default=None,
-                    help="pretraining steps (default: demo-tiny's 2,400, ~4 min on 2 cores; 12,000, ~18 min, "
+                    help="pretraining steps (default: demo-tiny's 2,400, ~4 min on 2 cores; 12,000, ~19 min, "
                          "gives a model that reads the context; use a new --out, the same one resumes)")
     dm.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return p

@@ -35,7 +35,7 @@ def pretrain_summary(final: dict, seconds: float) -> str:
             f"{abs(gap):.2f} nats {'below' if gap >= 0 else 'above'} the floor of a model that "
             f"knows only word frequencies.")
     longer = ("More steps take it further below: on 2 AMX cores `wr-train demo --steps 12000 --out "
-              "NEW_DIR` (~18 min of pretraining) ended ~1.5 nats below, and fill-mask then names "
+              "NEW_DIR` (~19 min of pretraining) ends ~2.3 nats below, and fill-mask then names "
               "words that fit (curves in bench/RESULTS.md).")
     if gap < 0.05:
         verdict = ("At this budget the tiny model has learned the word frequencies but not yet to "
