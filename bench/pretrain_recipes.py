@@ -50,8 +50,8 @@ def plain_point(shards: str, overrides: list[str], name: str, threads: int = 1) 
 
     from wr_train.config import grad_accum, load_config
     from wr_train.engine import eval_set, lr_schedule, param_groups
-    from wr_train.model import SparseMLM, build_mlm, init_output_bias
-    from wr_train.shards import load_manifest, read_token_counts
+    from wr_train.model import SparseMLM, fresh_mlm
+    from wr_train.shards import load_manifest
     from wr_train.stream import RowStream, masked_batches
     torch.set_num_threads(threads)
     cfg = load_config("demo-tiny", overrides)
@@ -60,9 +60,7 @@ def plain_point(shards: str, overrides: list[str], name: str, threads: int = 1) 
     stage, world = cfg.stages[0], cfg.workers
     manifest = load_manifest(shards)
     vocab = manifest["vocab_size"]
-    mlm = build_mlm(cfg.model, vocab, seed=cfg.seed)
-    if cfg.model.output_bias == "unigram":  # as the worker starts a fresh model
-        init_output_bias(mlm, read_token_counts(shards, vocab))
+    mlm = fresh_mlm(cfg.model, vocab, cfg.seed, shards)  # as the worker starts a fresh model
     model = SparseMLM(mlm).train()
     opt = torch.optim.AdamW(param_groups(mlm, cfg.optim.weight_decay), lr=stage.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)

@@ -48,6 +48,16 @@ def build_mlm(cfg: ModelConfig, vocab_size: int, seed: int = 0):
     return model
 
 
+def fresh_mlm(cfg: ModelConfig, vocab_size: int, seed: int, shards: str):
+    """A model as pretraining starts one: build_mlm, then with model.output_bias=unigram the
+    head's bias from the shards' token counts (the worker and the sweeps' plain loop)."""
+    mlm = build_mlm(cfg, vocab_size, seed=seed)
+    if cfg.output_bias == "unigram":
+        from wr_train.shards import read_token_counts
+        init_output_bias(mlm, read_token_counts(shards, vocab_size))
+    return mlm
+
+
 def init_output_bias(mlm, token_counts) -> None:
     """Start the MLM head's bias at the tokens' log frequencies (add-one smoothed): the
     model predicts the unigram floor from step 0 instead of spending its first few hundred

@@ -171,15 +171,15 @@ def _train_stage(cfg: PretrainConfig, s: int, run_dir: str, w: _Worker, at: _Pos
 
 def _stage_engine(cfg: PretrainConfig, s: int, manifest: dict, w: _Worker, at: _Position, mid_stage: bool):
     """Stage `s`'s engine: mid-stage, the checkpoint's engine state and RNG; else fresh."""
-    from wr_train.model import build_mlm, init_output_bias
-    mlm = build_mlm(cfg.model, manifest["vocab_size"], seed=cfg.seed)
+    from wr_train.model import build_mlm, fresh_mlm
+    vocab = manifest["vocab_size"]
+    mlm = (build_mlm(cfg.model, vocab, seed=cfg.seed) if at.local   # weights come from the checkpoint
+           else fresh_mlm(cfg.model, vocab, cfg.seed, cfg.stages[s].shards))
     if at.local and not mid_stage:
         # A new stage starts from the last weights (fp32, gathered from any ZeRO stage)
         # with a fresh optimizer and schedule, as the seed's recipe does.
         load_stage_weights(mlm, fp32_weights(at.local), at.source)
         mlm.tie_weights()
-    elif not at.local and cfg.model.output_bias == "unigram":  # a fresh model (else: restored)
-        init_output_bias(mlm, read_token_counts(cfg.stages[s].shards, manifest["vocab_size"]))
     with hide_prints(w.verbose):
         engine = build_engine(cfg, cfg.stages[s], w.world, mlm)
     if mid_stage:
