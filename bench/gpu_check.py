@@ -14,7 +14,7 @@ which calls the subcommands below in order:
 WORLD_SIZE=1, deepspeed.init_distributed), with the project's own pieces: rows packed by
 `packing.pack_rows` from a synthetic corpus (random token "sentences", no downloads),
 masked by `stream.masked_batches` (the worker's masking thread, pre-collected so the
-timing holds the step alone), the engine from `engine.build_engine` (the recipe's
+timing holds the step alone; its own rate is reported against the step's), the engine from `engine.build_engine` (the recipe's
 DeepSpeed config, bf16, ZeRO-1 or ZeRO-2) stepped by `engine.train_step`. The HF loop:
 `BertForMaskedLM` (SDPA attention) in bf16 autocast computing full-vocab logits with
 labels, fused torch AdamW, gradient clipping at 1.0 (as the DeepSpeed config clips).
@@ -399,6 +399,7 @@ def write_tables(out: Path, record: dict) -> str:
             f"{_fmt(r['peak_mem_gib'], '.2f')} | {r['loss']:.3f} |")
     lines.append("")
     lines += [f"- {t}" for t in record["targets"]]
+    lines += [f"- {t}" for t in masking_lines(record)]
     tests = record.get("tests")
     if tests:
         if "counts" in tests:
@@ -431,6 +432,20 @@ def targets(rows: list[dict], dry_run: bool) -> list[str]:
             out.append(f"target base-128 bf16 ZeRO-{r['zero']}: MFU {r['mfu']:.1%} (≥ {TARGET_MFU:.0%}: "
                        f"{mfu_ok}), {_fmt(ratio, '.2f')}x the HF loop (≥ {TARGET_RATIO}x: {ratio_ok})")
     return out or [f"no base-128 wr-train row measured: the targets ({goal}) are not judged"]
+
+
+def masking_lines(record: dict) -> list[str]:
+    """Whether the worker's masking thread (one CPU thread, host side) produces micro-batches
+    faster than each config's fastest wr-train row consumes them."""
+    out = []
+    for config, rate in record.get("masking_tok_s", {}).items():
+        ours = [r["tokens_per_s"] for r in record["rows"]
+                if r["config"] == config and r["loop"] == "wr-train" and not r.get("error")]
+        if ours:
+            verdict = "keeps up" if rate >= max(ours) else "the BOTTLENECK: the step waits for it"
+            out.append(f"masking thread, {config}: {rate:,.0f} tok/s = {rate / max(ours):.1f}x the fastest "
+                       f"wr-train row ({verdict})")
+    return out
 
 
 def cmd_run(args) -> int:
@@ -485,7 +500,7 @@ def cmd_run(args) -> int:
               "python": sys.version.split()[0], "peak_flops": peak,
               "peak_source": f"spec sheet, {spec[0]}" if spec else "no spec for this device: the measured rate",
               "matmul_n": n, "matmul_flops": measured, "vocab": vocab, "steps": steps, "warmup": warmup,
-              "budget_s": args.budget, "rows": [], "targets": [], "elapsed_s": 0.0}
+              "budget_s": args.budget, "rows": [], "targets": [], "masking_tok_s": {}, "elapsed_s": 0.0}
     print(f"gpu_check: {desc}; torch {torch.__version__}; deepspeed {deepspeed.__version__} "
           f"({record['deepspeed_from']}); peak {_rate(peak)} ({record['peak_source']}), "
           f"measured {_rate(measured)}", flush=True)
@@ -495,8 +510,11 @@ def cmd_run(args) -> int:
         if dry:
             size, seq, batch = DRY["size"], DRY["seq"][seq], DRY["batch"]
         n_batches = min(8, steps + warmup)
-        batches = masked(synthetic_rows(vocab, seq, batch * n_batches), batch, vocab, n_batches)
+        rows = synthetic_rows(vocab, seq, batch * n_batches)
+        t0 = time.perf_counter()
+        batches = masked(rows, batch, vocab, n_batches)
         tokens = [b.layout.tokens for b in batches]
+        record["masking_tok_s"][config] = sum(tokens) / (time.perf_counter() - t0)
         targets_n = [b.layout.n for b in batches]
         mask_frac = sum(targets_n) / sum(tokens)
         mask_fracs.append(mask_frac)

@@ -38,6 +38,10 @@ def test_gpu_check_dry_run(tmp_path):
     data_lines = [line for line in table.splitlines()
                   if line.startswith("| ") and not line.startswith("| config")]
     assert len(data_lines) == len(expected)
+    # the masking thread's own rate, against each config's step
+    assert set(record["masking_tok_s"]) == {name for name, *_ in gc.CONFIGS}
+    assert all(rate > 0 for rate in record["masking_tok_s"].values())
+    assert sum(line.startswith("- masking thread, ") for line in table.splitlines()) == len(gc.CONFIGS)
     tests = record["tests"]
     assert tests["exit_code"] == 0 and tests["counts"]["failed"] == tests["counts"]["error"] == 0
     assert tests["deselected_need_ray"]  # the Ray-cluster GPU tests are left out, by name

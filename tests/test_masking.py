@@ -115,6 +115,32 @@ def test_stream_splits_rows_between_workers_and_resumes_exactly(shards128):
     assert first[-20:] != epoch_rows[0][:20]
 
 
+def test_stream_batches_are_its_rows_in_order_across_windows_and_epochs(shards128):
+    """batches() slices the mixed windows directly; it must hand out exactly rows()'s
+    sequence, micro-batches spanning a window's or an epoch's end included, with each
+    row's own epoch, and from a resume point too."""
+    from wr_train.shards import load_manifest
+    from wr_train.stream import RowStream
+    manifest = load_manifest(str(shards128))
+    n = manifest["rows"] * 2 + 37  # into the third epoch, through every window boundary
+
+    def both(consumed):
+        kw = dict(seed=5, stage=0, rank=0, world=1, micro_batch=24, window=2, consumed=consumed)
+        it = RowStream(str(shards128), manifest, **kw).rows()
+        rows = [next(it) for _ in range(n)]
+        it = RowStream(str(shards128), manifest, **kw).batches()
+        batches = [next(it) for _ in range(-(-n // 24))]
+        epochs, row_ids, ids = (np.concatenate(part)[:n] for part in zip(*batches))
+        return rows, epochs, row_ids, ids
+
+    for consumed in (0, 1001):
+        rows, epochs, row_ids, ids = both(consumed)
+        assert epochs.tolist() == [r[0] for r in rows]
+        assert row_ids.tolist() == [int(r[1]) for r in rows]
+        assert np.array_equal(ids, np.stack([r[2] for r in rows]))
+        assert set(epochs.tolist()) == {0, 1, 2}
+
+
 def test_stream_mixes_many_row_groups_in_every_batch(shards128):
     """Each micro-batch draws from across the corpus (rows of up to `window` row groups
     mixed), in an order that is a pure function of the seed; window=1 is the old

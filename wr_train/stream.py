@@ -104,8 +104,9 @@ class RowStream:
             left -= total
             epoch += 1
 
-    def rows(self):
-        """Yields (epoch, row_id, input_ids) one row at a time in this worker's order."""
+    def _windows_from_position(self):
+        """Yields (epoch, row_ids, input_ids) of each window from row `self.consumed` of
+        this worker on, the window's rows in their mixed order."""
         epoch, start, offset = self._positions()
         while True:
             windows = self._windows(epoch)
@@ -113,20 +114,33 @@ class RowStream:
                 parts = [self._read_block(b) for b in windows[i]]
                 row_ids = np.concatenate([p[0] for p in parts])
                 ids = np.concatenate([p[1] for p in parts])
-                perm = np.random.default_rng(
-                    (self.seed, self.stage, epoch, self.rank, self.world, i)).permutation(len(row_ids))
-                for j in perm[offset:]:
-                    yield epoch, row_ids[j], ids[j]
+                order = np.random.default_rng(
+                    (self.seed, self.stage, epoch, self.rank, self.world, i)).permutation(len(row_ids))[offset:]
+                yield epoch, row_ids[order], ids[order]
                 offset = 0
             start, epoch = 0, epoch + 1
 
+    def rows(self):
+        """Yields (epoch, row_id, input_ids) one row at a time in this worker's order."""
+        for epoch, row_ids, ids in self._windows_from_position():
+            for j in range(len(row_ids)):
+                yield epoch, row_ids[j], ids[j]
+
     def batches(self):
-        """Unmasked micro-batches: (epoch array, row_ids, input_ids)."""
-        it = self.rows()
+        """Unmasked micro-batches in this worker's order: (epoch of each row, row_ids,
+        input_ids), sliced from the mixed windows (a micro-batch can span two)."""
+        windows = self._windows_from_position()
+        epoch, row_ids, ids, at = 0, np.empty(0, dtype=np.int64), None, 0
         while True:
-            rows = [next(it) for _ in range(self.micro_batch)]
-            yield (np.array([r[0] for r in rows]), np.array([r[1] for r in rows]),
-                   np.stack([r[2] for r in rows]))
+            pieces, need = [], self.micro_batch
+            while need:
+                if at == len(row_ids):
+                    (epoch, row_ids, ids), at = next(windows), 0
+                    continue
+                take = min(need, len(row_ids) - at)
+                pieces.append((np.full(take, epoch), row_ids[at:at + take], ids[at:at + take]))
+                at, need = at + take, need - take
+            yield tuple(np.concatenate(part) for part in zip(*pieces))
 
 
 def masked_batches(stream: RowStream, *, seed: int, vocab_size: int, mask_cfg, prefetch: int = 4,
@@ -146,13 +160,8 @@ def masked_batches(stream: RowStream, *, seed: int, vocab_size: int, mask_cfg, p
     def work():
         try:
             for epochs, row_ids, ids in stream.batches():
-                out_ids = np.empty_like(ids, dtype=np.int64)
-                labels = np.empty_like(ids, dtype=np.int64)
-                for e in np.unique(epochs):
-                    sel = epochs == e
-                    out_ids[sel], labels[sel] = mask_batch(
-                        ids[sel], row_ids[sel], epoch=int(e), seed=seed, vocab_size=vocab_size,
-                        **masking)
+                out_ids, labels = mask_batch(ids, row_ids, epoch=epochs, seed=seed, vocab_size=vocab_size,
+                                             **masking)
                 layout = TargetLayout.of(out_ids, labels)
                 ids_t, labels_t = torch.from_numpy(out_ids), torch.from_numpy(labels)
                 if pin:
