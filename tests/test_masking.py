@@ -182,3 +182,19 @@ def test_stream_window_keeps_each_row_once_per_epoch_and_resumes(shards128):
                         window=4, consumed=half)
     it = resumed.rows()
     assert [int(next(it)[1]) for _ in range(40)] == seen[2][half:half + 40]
+
+
+def test_fixed_eval_targets_never_change():
+    """The held-out targets are those every recorded eval loss was measured on: pinned here
+    (the positions the per-row generator drew before training masks moved to the hash)."""
+    from wr_train.engine import EVAL_MASK_SEED
+    from wr_train.masking import fixed_eval_labels
+    rng = np.random.default_rng(0)
+    ids = rng.integers(NUM_SPECIAL, 3000, size=(40, 64))
+    ids[:, 0] = CLS
+    ids[-3:, 50:] = PAD
+    labels = fixed_eval_labels(ids, np.arange(500, 540), seed=EVAL_MASK_SEED, prob=0.15)
+    where = np.flatnonzero((labels != IGNORE).ravel())
+    assert (len(where), where[:12].tolist(), int(where.sum())) == (
+        358, [1, 4, 9, 10, 25, 26, 35, 46, 52, 59, 63, 71], 459772)
+    assert (labels.ravel()[where] == ids.ravel()[where]).all()

@@ -82,7 +82,9 @@ def eval_set(cfg: PretrainConfig, shards: str, manifest: dict, rank: int, world:
     BERT's 15%, every target replaced by [MASK]: (input_ids, labels), the same targets at
     every evaluation of every run (whatever masking the recipe trains with). Every rank gets
     the same number of rows (ZeRO-3 needs the same forward calls on every rank)."""
-    from wr_train.masking import IGNORE, mask_batch
+    import numpy as np
+
+    from wr_train.masking import IGNORE, fixed_eval_labels
     from wr_train.shards import read_eval_rows
     from wr_train.tokenizer import MASK
     row_ids, rows = read_eval_rows(shards, manifest, cfg.eval_rows)
@@ -90,8 +92,8 @@ def eval_set(cfg: PretrainConfig, shards: str, manifest: dict, rank: int, world:
     if n == 0:
         return None
     row_ids, rows = row_ids[:n][rank::world], rows[:n][rank::world]
-    ids, labels = mask_batch(rows, row_ids, epoch=0, seed=EVAL_MASK_SEED,
-                             vocab_size=manifest["vocab_size"], prob=EVAL_MASK_PROB)
+    labels = fixed_eval_labels(rows, row_ids, seed=EVAL_MASK_SEED, prob=EVAL_MASK_PROB)
+    ids = np.array(rows, dtype=np.int64, copy=True)
     # Every target shown as [MASK], as fill-mask sees it: then a model that ignores the
     # context cannot beat the unigram floor. Under BERT's 80/10/10 the 10% unchanged
     # targets let a context-blind model copy its input and score ~0.6 nats below the
