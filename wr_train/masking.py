@@ -11,8 +11,8 @@ kernel launches (bench/RESULTS.md, "The masking thread").
 BERT's recipe: `prob` of the non-special tokens become targets; of those 80% -> [MASK],
 10% -> a random non-special token, 10% unchanged (`mask_share`, `random_share`).
 Optional geometric span masking (UER's `span_masking`): whole spans of length
-~ Geometric(span_p), capped at span_max, are chosen until the budget is met (a per-row
-generator, seeded by the same key: spans are drawn one after another).
+~ Geometric(span_p), capped at span_max, are chosen until the budget is met (spans are
+drawn one after another, by a numpy Generator per row seeded with (seed, epoch, row_id)).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> _U64(31))
 
 
-def row_keys(seed: int, epoch, row_ids: np.ndarray) -> np.ndarray:
+def _row_keys(seed: int, epoch, row_ids: np.ndarray) -> np.ndarray:
     """One 64-bit key per row from (seed, epoch, row_id); `epoch` an int or one per row."""
     n = len(row_ids)
     key = _mix(np.full(n, seed & 0xFFFFFFFFFFFFFFFF, dtype=_U64))
@@ -76,7 +76,7 @@ def mask_batch(input_ids: np.ndarray, row_ids: np.ndarray, *, epoch, seed: int,
     if ids.size == 0:
         return ids, labels
     batch, length = ids.shape
-    keys = row_keys(seed, epoch, row_ids)
+    keys = _row_keys(seed, epoch, row_ids)
     # One hash per position; its bits are three independent draws: 21 bits choose the
     # targets, 21 bits each target's action, the rest (mixed once more) the random token.
     h = _mix(keys[:, None] ^ (np.arange(1, length + 1, dtype=_U64) * _U64(0x9E3779B97F4A7C15))[None, :])
@@ -96,7 +96,8 @@ def mask_batch(input_ids: np.ndarray, row_ids: np.ndarray, *, epoch, seed: int,
     labels[rows, cols] = ids[rows, cols]
     hit = h[rows, cols]
     action = ((hit >> _U64(21)) & _U64(0x1FFFFF)).astype(np.float64) * _FRACTION
-    ids[rows[action < mask_share], cols[action < mask_share]] = MASK
+    shown = action < mask_share
+    ids[rows[shown], cols[shown]] = MASK
     swap = (action >= mask_share) & (action < mask_share + random_share)
     tokens = _mix(hit[swap] >> _U64(42)) % _U64(vocab_size - NUM_SPECIAL)
     ids[rows[swap], cols[swap]] = NUM_SPECIAL + tokens.astype(np.int64)
