@@ -14,8 +14,9 @@ which calls the subcommands below in order:
 WORLD_SIZE=1, deepspeed.init_distributed), with the project's own pieces: rows packed by
 `packing.pack_rows` from a synthetic corpus (random token "sentences", no downloads),
 masked by `stream.masked_batches` (the worker's masking thread, pre-collected so the
-timing holds the step alone; its own rate is reported against the step's), the engine from `engine.build_engine` (the recipe's
-DeepSpeed config, bf16, ZeRO-1 or ZeRO-2) stepped by `engine.train_step`. The HF loop:
+timing holds the step alone; the thread's own rate is reported beside the step's), the
+engine from `engine.build_engine` (the recipe's DeepSpeed config, bf16, ZeRO-1 or ZeRO-2)
+stepped by `engine.train_step`. The HF loop:
 `BertForMaskedLM` (SDPA attention) in bf16 autocast computing full-vocab logits with
 labels, fused torch AdamW, gradient clipping at 1.0 (as the DeepSpeed config clips).
 tokens/s counts non-pad tokens. MFU = tokens/s x `model.flops_per_token` (the FLOPs the

@@ -54,15 +54,23 @@ def _choose_spans(rng, candidates: np.ndarray, prob: float, span_p: float, span_
     return np.fromiter(sorted(picked), dtype=np.int64)
 
 
-def _span_targets(ids: np.ndarray, row_ids: np.ndarray, epochs: np.ndarray, seed: int, prob: float,
-                  span_p: float, span_max: int) -> np.ndarray:
+def _per_row_targets(ids: np.ndarray, row_ids, epochs, seed: int, choose) -> np.ndarray:
+    """Targets [B, L] drawn row by row by a numpy Generator seeded (seed, epoch, row_id):
+    `choose(rng, candidates)` picks among the row's non-special positions."""
     target = np.zeros(ids.shape, dtype=bool)
     for b in range(ids.shape[0]):
         candidates = np.flatnonzero(ids[b] >= NUM_SPECIAL)
         if len(candidates):
             rng = np.random.default_rng((seed, int(epochs[b]), int(row_ids[b])))
-            target[b, _choose_spans(rng, candidates, prob, span_p, span_max)] = True
+            target[b, choose(rng, candidates)] = True
     return target
+
+
+def _choose_tokens(rng, candidates: np.ndarray, prob: float) -> np.ndarray:
+    chosen = rng.random(len(candidates)) < prob
+    if not chosen.any():  # every row with text is scored on at least one target
+        chosen[rng.integers(len(candidates))] = True
+    return candidates[chosen]
 
 
 def mask_batch(input_ids: np.ndarray, row_ids: np.ndarray, *, epoch, seed: int,
@@ -82,8 +90,8 @@ def mask_batch(input_ids: np.ndarray, row_ids: np.ndarray, *, epoch, seed: int,
     h = _mix(keys[:, None] ^ (np.arange(1, length + 1, dtype=_U64) * _U64(0x9E3779B97F4A7C15))[None, :])
     candidates = ids >= NUM_SPECIAL
     if span:
-        epochs = np.broadcast_to(np.asarray(epoch), (batch,))
-        target = _span_targets(ids, np.asarray(row_ids), epochs, seed, prob, span_p, span_max)
+        target = _per_row_targets(ids, row_ids, np.broadcast_to(np.asarray(epoch), (batch,)), seed,
+                                  lambda rng, c: _choose_spans(rng, c, prob, span_p, span_max))
     else:
         draw = (h & _U64(0x1FFFFF)).astype(np.float64) * _FRACTION
         target = candidates & (draw < prob)
@@ -110,15 +118,6 @@ def fixed_eval_labels(input_ids: np.ndarray, row_ids: np.ndarray, *, seed: int, 
     per row. This is how training masks were drawn before the hash above; the evaluation
     keeps it so that every recorded eval loss stays comparable (re-drawn targets alone
     move the demo model's eval loss by 0.03 nats). It runs once per run."""
-    labels = np.full(input_ids.shape, IGNORE, dtype=np.int64)
-    for b in range(input_ids.shape[0]):
-        candidates = np.flatnonzero(input_ids[b] >= NUM_SPECIAL)
-        if len(candidates) == 0:
-            continue
-        rng = np.random.default_rng((seed, 0, int(row_ids[b])))
-        chosen = rng.random(len(candidates)) < prob
-        if not chosen.any():
-            chosen[rng.integers(len(candidates))] = True
-        labels[b, candidates[chosen]] = input_ids[b, candidates[chosen]]
-    return labels
-
+    target = _per_row_targets(input_ids, row_ids, np.zeros(len(row_ids), dtype=np.int64), seed,
+                              lambda rng, c: _choose_tokens(rng, c, prob))
+    return np.where(target, input_ids, IGNORE).astype(np.int64)
