@@ -264,3 +264,73 @@ def _kill_group(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+class MotoServer:
+    """moto's S3 server (`python -m moto.server`, moto 5.2.5) on a free 127.0.0.1 port: unlike
+    seaweedfs it records a bucket's LocationConstraint and answers HEAD bucket with
+    `x-amz-bucket-region`, as AWS does (it serves any signing region, which AWS refuses).
+    It takes any credentials. start() / stop(); .endpoint; bucket(name, region)."""
+
+    access_key, secret_key = "wrmotokey", "wrmotosecret"
+
+    def __init__(self, start_timeout: float = 60.0):
+        self.start_timeout = start_timeout
+        self.endpoint = ""
+        self._proc: subprocess.Popen | None = None
+        self._tmp: str | None = None
+        self._log_file = None
+
+    def start(self) -> "MotoServer":
+        if self._proc is not None:
+            raise RuntimeError("MotoServer already started")
+        atexit.register(self.stop)
+        self._tmp = tempfile.mkdtemp(prefix="wr-moto-")
+        (port,) = pick_ports(1)
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self._log_file = open(Path(self._tmp, "moto.log"), "wb")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            cwd=self._tmp, env=env, stdin=subprocess.DEVNULL, stdout=self._log_file,
+            stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent if _PRCTL is not None else None)
+        client = self.client(connect_timeout=1, read_timeout=2)
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                log = Path(self._tmp, "moto.log").read_text(errors="replace")[-2000:]
+                self.stop()
+                raise RuntimeError(f"moto server at {self.endpoint} did not start:\n{log}")
+            try:
+                client.list_buckets()
+                return self
+            except Exception:
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _kill_group(proc)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+        atexit.unregister(self.stop)
+
+    def client(self, region: str = REGION, **config):
+        import boto3
+        from botocore.config import Config
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name=region,
+            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+            config=Config(retries={"max_attempts": 1}, **config))
+
+    def bucket(self, name: str, region: str = REGION) -> str:
+        """Create bucket `name` in `region` (its LocationConstraint) and return "s3://name"."""
+        extra = {} if region == "us-east-1" else {
+            "CreateBucketConfiguration": {"LocationConstraint": region}}
+        self.client(region).create_bucket(Bucket=name, **extra)
+        return f"s3://{name}"
