@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     from wr_train.cli import parse_with_overrides
     args = parse_with_overrides(parser(), argv)
     try:
+        from wr_train.config import check_plain_name
+        if args.name is not None:  # the sweep's folder: STORAGE/NAME
+            check_plain_name(args.name, "--name")
         from wr_train.tune import run_sweep
         from wr_train.tune_trials import parse_list
         report = run_sweep(

@@ -138,9 +138,32 @@ def shards_with_truncated_part(t: Path, ws) -> str:
     return str(out)
 
 
+def shards_with_swapped_spm(t: Path, ws) -> tuple[str, str]:
+    """A copy of the shards whose spm.model is another file; (folder, the line's start:
+    the file and both hashes, short)."""
+    out = t / "swapped"
+    shutil.copytree(ws.shards, out)
+    write(out, "spm.model", b"another segmenter's bytes")
+    found = hashlib.sha256((out / "spm.model").read_bytes()).hexdigest()
+    expected = json.loads((out / "manifest.json").read_text())["spm_sha256"]
+    return str(out), (f"{out}/spm.model: sha256 {found[:12]}… is not the manifest's spm_sha256 "
+                      f"{expected[:12]}…")
+
+
+def swapped_spm_case(ws, t: Path) -> tuple[list[str], str]:
+    shards, named = shards_with_swapped_spm(t, ws)
+    return pretrain_argv(ws, t, "--shards", shards), named
+
+
 def pretrain_argv(ws, t: Path, *extra: str) -> list[str]:
     return ["pretrain", "--shards", ws.shards, "--storage", str(t / "runs"), "--name", "x",
             "--steps", "20", "--workers", "2", *extra]
+
+
+def unnamed(argv: list[str]) -> list[str]:
+    """argv without its `--name x` (the flag would win over a recipe's or an override's name)."""
+    i = argv.index("--name")
+    return argv[:i] + argv[i + 2:]
 
 
 def resumable(ws, t: Path, saved=(), world: int = 2, rows: int | None = None) -> list[str]:
@@ -242,6 +265,33 @@ CASES = [
          "unknown key"),
     case("pretrain-override-no-such-stage", lambda ws, t: (pretrain_argv(ws, t, "stages.3.lr=1e-4"),
                                                            "override stages.3.lr"), "no stage '3'"),
+    # -- pretrain: settings out of range (each passed the old checks and failed in a worker)
+    *[case(f"pretrain-range-{key}={value}", lambda ws, t, kv=f"{key}={value}", n=named: (pretrain_argv(ws, t, kv), n),
+           expect) for key, value, named, expect in [
+        ("seed", "-1", "seed", "expected >= 0"),
+        ("keep_checkpoints", "0", "keep_checkpoints", "expected >= 1"),
+        ("mask.span_p", "0", "mask.span_p", "expected 0 < span_p <= 1"),
+        ("mask.span_max", "0", "mask.span_max", "expected >= 1"),
+        ("stages.0.lr", "-1", "stages.0.lr", "expected > 0"),
+        ("optim.betas", "[1.5,0.9]", "optim.betas.0", "expected 0 <= beta < 1"),
+        ("optim.betas", "[0.9,-0.1]", "optim.betas.1", "expected 0 <= beta < 1"),
+        ("optim.eps", "0", "optim.eps", "expected > 0"),
+        ("optim.weight_decay", "-0.01", "optim.weight_decay", "expected >= 0"),
+        ("optim.clip", "-1", "optim.clip", "expected >= 0"),
+        ("cpus_per_worker", "-1", "cpus_per_worker", "expected > 0"),
+        ("max_failures", "-5", "max_failures", "or -1 for unlimited"),
+        ("fail_at_step", "-3", "fail_at_step", "expected >= 0"),
+        ("model.dropout", "1", "model.dropout", "expected 0 <= dropout < 1"),
+        ("model.init_std", "0", "model.init_std", "expected > 0"),
+    ]],
+    # -- pretrain: the run's name is a folder name
+    *[case(f"pretrain-name-{i}", lambda ws, t, n=bad: (pretrain_argv(ws, t, "--name", n), f"name (--name) {n!r}"),
+           "expected a plain name") for i, bad in enumerate(["", "../../x", "/etc/x", "a b", ".hidden"])],
+    case("pretrain-name-override", lambda ws, t: (unnamed(pretrain_argv(ws, t, "name=a/b")), "name (--name) 'a/b'"),
+         "expected a plain name"),
+    case("pretrain-name-in-recipe", lambda ws, t: (
+        unnamed(pretrain_argv(ws, t, "--config", write(t, "r.yaml", "name: ../up\n"))), "name (--name) '../up'"),
+        "expected a plain name"),
     # -- pretrain: DeepSpeed config
     case("pretrain-ds-config-bad-json", lambda ws, t: (pretrain_argv(ws, t, f"ds_config={write(t, 'ds.json', '{x')}"),
                                                        "ds.json"), "not valid JSON"),
@@ -262,6 +312,7 @@ CASES = [
         "not a complete shard directory"),
     case("pretrain-truncated-shard", lambda ws, t: (pretrain_argv(ws, t, "--shards", shards_with_truncated_part(t, ws)),
                                                     "part-00000.parquet"), "missing or truncated shard"),
+    case("pretrain-swapped-spm", swapped_spm_case, "not the segmenter that made these shards"),
     case("pretrain-unwritable-storage", lambda ws, t: (
         pretrain_argv(ws, t, "--storage", write(t, "blocker", "x") + "/runs"), "--storage"), "not writable"),
     case("pretrain-unigram-bias-without-counts", lambda ws, t: (  # ws.shards has no token_counts.npy
@@ -337,6 +388,14 @@ CASES = [
                                               "--storage", str(t / "results")], "nosuch"), "not a built-in task"),
     case("tune-bad-grid", lambda ws, t: (["tune_clue", "--model", ws.hf, "--tasks", "mine", "--data", ws.tasks,
                                           "--epochs", "3,x"], "--epochs 3,x"), "expected comma-separated"),
+    *[case(f"tune-name-{i}", lambda ws, t, n=bad: (["tune_clue", "--model", ws.hf, "--tasks", "mine", "--data",
+                                                  ws.tasks, "--storage", str(t / "results"), "--name", n],
+                                                 f"--name {n!r}"), "expected a plain name")
+      for i, bad in enumerate(["", "../../x", "/etc/x", "a b", ".hidden"])],
+    *[case(f"tune-task-name-{i}", lambda ws, t, n=bad: (["tune_clue", "--model", ws.hf, "--tasks", f"mine,{n}",
+                                                       "--data", ws.tasks, "--storage", str(t / "results")],
+                                                      f"--tasks {n!r}"), "expected a plain name")
+      for i, bad in enumerate(["../../x", "/etc/x", "a b", ".hidden"])],
     case("tune-resume-other-model", lambda ws, t: (
         ["tune_clue", "--model", ws.hf, "--tasks", "mine", "--data", ws.tasks, "--storage", str(t / "results"),
          "--name", "s1", "--epochs", "1", "--batch-sizes", "8", "--lrs", "1e-4"], sweep_of_another_model(ws, t)),
@@ -387,3 +446,19 @@ def snapshot(*roots: Path) -> dict[str, str]:
     """Every file under `roots` -> its sha256 (new, changed and lost files all show)."""
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
             for root in roots for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def test_range_edges_and_plain_names_pass():
+    """The ranges' edges are settings, not errors: Ray's -1 (unlimited restarts), no
+    clipping, span_p 1, a beta of 0, no dropout; names with dots, dashes, digits."""
+    from wr_train.config import ConfigError, check_plain_name, load_config
+    edges = ["stages.0.shards=x", "max_failures=-1", "optim.clip=0", "mask.span_p=1", "mask.span_max=1",
+             "optim.betas=[0,0.999]", "model.dropout=0", "fail_at_step=0", "seed=0", "optim.weight_decay=0",
+             "keep_checkpoints=1", "cpus_per_worker=0.5", "name=run-2.v_1"]
+    cfg = load_config(None, edges).validate()
+    assert (cfg.max_failures, cfg.optim.clip, cfg.name) == (-1, 0.0, "run-2.v_1")
+    for name in ("007", "a", "A.b-c_d", "_x", "-x", "x."):
+        assert check_plain_name(name, "--name") == name
+    for name in ("", ".", "..", "a/b", "a\\b", "a b", "é", "a\n", ".x", "x:y", None):
+        with pytest.raises(ConfigError, match="expected a plain name"):
+            check_plain_name(name, "--name")

@@ -16,6 +16,7 @@ EXAMPLES = {
     "fill-mask": 'wr-train fill-mask demo_out/hf "最近一趟去北京的[MASK]几点发车"',
     "finetune": "wr-train finetune --model demo_out/hf --task chnsenticorp --data demo_out/tasks epochs=3 lr=1e-4",
     "demo": "wr-train demo --out demo_out",
+    "check-shards": "wr-train check-shards demo_out/shards128   # or s3://bucket/shards128",
 }
 
 
@@ -91,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", default=None, help="where the result JSON goes")
     ft.add_argument("overrides", nargs="*", help="key=value (epochs, batch_size, lr, seq_length, seed, ...)")
 
+    cs = add("check-shards", "Read every row group of a shard folder (train and eval/) on Ray and "
+                             "check it against the manifest: rows, seq_length, ids, row_ids. "
+                             "Exit 2 with one line per bad group.")
+    cs.add_argument("shards", help="shard folder made by `wr-train preprocess` (dir or s3://)")
+    cs.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+
     dm = add("demo", "End to end on real text: demo data -> spm -> shards -> pretrain -> export -> fine-tune.")
     dm.add_argument("--out", default="demo_out")
     dm.add_argument("--steps", type=int, default=None,
@@ -139,6 +146,16 @@ def pretrain_main(args) -> int:
     last = pretrain.run(cfg, verbose=args.verbose)
     print(last)  # the only stdout line: ck=$(wr-train pretrain … 2>log)
     return 0
+
+
+def check_shards_main(args) -> int:
+    from wr_train.shard_check import check_shards
+    report = check_shards(args.shards, verbose=args.verbose,
+                          log=lambda line: print(line, file=sys.stderr, flush=True))
+    for line in report.bad:
+        print(f"wr-train check-shards: {line}", file=sys.stderr)
+    print(report.summary(), file=sys.stderr if report.bad else sys.stdout)
+    return 2 if report.bad else 0
 
 
 def parse_with_overrides(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
@@ -197,6 +214,8 @@ def _dispatch(args) -> int:
     elif args.cmd == "finetune":
         from wr_train.finetune import finetune_main
         finetune_main(args.model, args.task, args.data, args.out, args.overrides)
+    elif args.cmd == "check-shards":
+        return check_shards_main(args)
     elif args.cmd == "demo":
         from wr_train.demo.run import run_demo
         run_demo(args.out, steps=args.steps, verbose=args.verbose)

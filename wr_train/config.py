@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +22,19 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad config value; the message names the key/file and what was expected."""
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def check_plain_name(value: str, key: str) -> str:
+    """`value` if it is a plain name (letters, digits, `._-`, not starting with `.`, not
+    empty): a run's or a task's name becomes a folder name, so `../x`, `/etc/x`, `a b` or
+    `.hidden` would put it elsewhere or hide it. Else a one-line ConfigError naming `key`."""
+    if not isinstance(value, str) or not _PLAIN_NAME.fullmatch(value):
+        raise ConfigError(f"{key} {value!r}: expected a plain name: letters, digits and . _ - "
+                          f"only, not starting with '.'")
+    return value
 
 
 # UER's BERT configs for the "miniature" Chinese RoBERTa family:
@@ -130,9 +144,30 @@ class PretrainConfig:
     mask: MaskConfig = field(default_factory=MaskConfig)
 
     def validate(self) -> "PretrainConfig":
+        """Every setting in its range, each bad one a one-line ConfigError naming the key
+        and the range: what Ray, DeepSpeed or numpy would refuse only inside a worker (or,
+        worse, accept and train nothing) fails here, before anything starts."""
         self.model = self.model.resolved()
+        check_plain_name(self.name, "name (--name)")
         if self.workers < 1:
             raise ConfigError(f"workers: expected >= 1, got {self.workers}")
+        _in_range("seed", self.seed, ">= 0 (numpy seeds are non-negative)", self.seed >= 0)
+        _in_range("cpus_per_worker", self.cpus_per_worker, "> 0", self.cpus_per_worker > 0)
+        _in_range("keep_checkpoints", self.keep_checkpoints, ">= 1 (checkpoints kept in the run folder)",
+                  self.keep_checkpoints >= 1)
+        _in_range("max_failures", self.max_failures, ">= 0 restarts after a worker failure, or -1 for "
+                  "unlimited", self.max_failures >= -1)
+        _in_range("fail_at_step", self.fail_at_step, ">= 0 (0 = no injected failure)", self.fail_at_step >= 0)
+        model = self.model
+        _in_range("model.dropout", model.dropout, "0 <= dropout < 1", 0 <= model.dropout < 1)
+        _in_range("model.init_std", model.init_std, "> 0", model.init_std > 0)
+        _in_range("model.vocab_size", model.vocab_size, ">= 0 (0 = the spm model's)", model.vocab_size >= 0)
+        o = self.optim
+        for i, beta in enumerate(o.betas):
+            _in_range(f"optim.betas.{i}", beta, "0 <= beta < 1 (Adam's betas)", 0 <= beta < 1)
+        _in_range("optim.eps", o.eps, "> 0", o.eps > 0)
+        _in_range("optim.weight_decay", o.weight_decay, ">= 0", o.weight_decay >= 0)
+        _in_range("optim.clip", o.clip, ">= 0 (0 = no clipping)", o.clip >= 0)
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision: expected auto|fp32|bf16|fp16, got {self.precision!r}")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -143,6 +178,7 @@ class PretrainConfig:
             key = f"stages.{i}"
             if st.steps <= 0:
                 raise ConfigError(f"{key}.steps: expected a positive step count, got {st.steps}")
+            _in_range(f"{key}.lr", st.lr, "> 0", st.lr > 0)
             if not st.shards:
                 raise ConfigError(f"{key}.shards: expected a shard directory (made by `wr-train preprocess`)")
             grad_accum(st, self.workers)  # raises on inconsistent batch sizes
@@ -161,7 +197,15 @@ class PretrainConfig:
             raise ConfigError(f"mask: expected 0 < prob < 1 and shares >= 0 with mask_share + "
                               f"random_share <= 1 (got prob {m.prob}, mask_share {m.mask_share}, "
                               f"random_share {m.random_share})")
+        _in_range("mask.span_p", m.span_p, "0 < span_p <= 1 (the geometric span length's p)",
+                  0 < m.span_p <= 1)
+        _in_range("mask.span_max", m.span_max, ">= 1 token", m.span_max >= 1)
         return self
+
+
+def _in_range(key: str, value, expected: str, ok: bool) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value}")
 
 
 def grad_accum(stage: StageConfig, workers: int) -> int:

@@ -313,11 +313,13 @@ def _stderr_line(*parts, **_) -> None:
 
 def preflight(cfg: PretrainConfig) -> None:
     """Every check that can fail before a worker starts, each a one-line error."""
+    from wr_train.shards import check_spm
     cfg.validate()
     vocab = sha = None
     for i, st in enumerate(cfg.stages):
         try:
             m = load_manifest(st.shards)
+            check_spm(st.shards, m)  # the spm.model beside the shards made their ids
         except (CorpusError, storage.StorageError) as e:
             raise ConfigError(f"stages.{i}.shards: {e}") from None
         if m["seq_length"] > cfg.model.max_positions:

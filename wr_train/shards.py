@@ -4,7 +4,8 @@ A shard directory (local or s3://) holds
     part-NNNNN.parquet   train rows: `row_id` (int64, dense 0..rows-1 in corpus order, delta
                          encoded) and `input_ids` (fixed-size lists of seq_length int32 ids),
                          in row groups of BLOCK_ROWS rows (the unit the training stream reads),
-                         ROWS_PER_SHARD rows a file (the last one shorter)
+                         ROWS_PER_SHARD rows a file (the last one shorter), zstd pages with
+                         a CRC32 each (checked on every read)
     eval/part-*.parquet  the held-out documents' rows, the same way (row_id from 0)
     spm.model            the segmenter that made the ids (pretraining copies it on)
     token_counts.npy     how often each id occurs in the train rows
@@ -32,6 +33,21 @@ TOKEN_COUNTS = "token_counts.npy"
 
 class CorpusError(ValueError):
     """Bad corpus, shard or preprocess input; one line naming it and what was expected."""
+
+
+class ShardReadError(CorpusError):
+    """A row group (or a file's footer) that cannot be read: names the file, the group and
+    why; `reason` alone is what `wr-train check-shards` lists."""
+
+    def __init__(self, path: str, group: int | None, reason: str):
+        self.path, self.group, self.reason = path, group, reason
+        where = f"{path} row group {group}" if group is not None else path
+        folder = path.rsplit("/", 2 if f"/{EVAL_DIR}/" in path else 1)[0]
+        super().__init__(f"{where}: cannot be read ({reason}); `wr-train check-shards {folder}` "
+                         f"checks every row group")
+
+    def __reduce__(self):  # rebuilt from its parts when Ray carries it out of a worker
+        return ShardReadError, (self.path, self.group, self.reason)
 
 
 @dataclass
@@ -142,10 +158,13 @@ class ShardWriter:
                 self._sink = storage.open_output(path)
                 # Dictionary encoding of token ids costs 3x the time of zstd and makes the
                 # file bigger; row_id is an arange, which delta encoding stores in bytes.
+                # A CRC32 per page (4 bytes): token ids barely compress, zstd stores them as
+                # raw blocks, and a flipped byte there decodes without error into another
+                # id; open_shard verifies the CRCs, so the read (and check-shards) fails.
                 self._writer = pq.ParquetWriter(
                     self._sink, table.schema, compression="zstd", use_dictionary=False,
                     column_encoding={"row_id": "DELTA_BINARY_PACKED"},
-                    write_statistics=["row_id"])
+                    write_statistics=["row_id"], write_page_checksum=True)
             self._writer.write_table(table, row_group_size=BLOCK_ROWS)
         except (OSError, pa.ArrowException) as e:
             raise storage.translate(e, path) from None
@@ -195,6 +214,25 @@ def load_manifest(shards: str) -> dict:
     return manifest
 
 
+def check_spm(shards: str, manifest: dict) -> None:
+    """The folder's spm.model must be the segmenter that made the ids: its sha256 must be
+    the manifest's `spm_sha256`, else a one-line CorpusError naming the file and both
+    hashes (a swapped spm.model would train and export with the wrong vocabulary)."""
+    import hashlib
+    path = storage.join(shards, SPM)
+    expected = manifest.get("spm_sha256")
+    if not expected:
+        raise CorpusError(f"{storage.join(shards, MANIFEST)}: no spm_sha256 (made by an older "
+                          f"`wr-train preprocess`?); cannot check {SPM}")
+    try:
+        found = hashlib.sha256(storage.read_bytes(path)).hexdigest()
+    except storage.StorageError as e:
+        raise CorpusError(str(e)) from None
+    if found != expected:
+        raise CorpusError(f"{path}: sha256 {found[:12]}… is not the manifest's spm_sha256 "
+                          f"{expected[:12]}… (not the segmenter that made these shards)")
+
+
 def read_token_counts(shards: str, vocab_size: int) -> np.ndarray:
     """How often each id occurs in the train rows ([vocab_size] int64, token_counts.npy)."""
     import io
@@ -211,24 +249,61 @@ def read_token_counts(shards: str, vocab_size: int) -> np.ndarray:
 
 
 def read_rows(shards: str, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(row_id, input_ids[n, L]) of one shard file."""
+    """(row_id, input_ids[n, L]) of one shard file; a group that cannot be read is a
+    ShardReadError naming the file and the group."""
+    shard = open_shard(shards, name)
+    if not shard.num_row_groups:
+        table = shard.parquet.read()
+        return table.column("row_id").to_numpy(), rows_of(table).astype(np.int64)
+    parts = [read_group(shard, g) for g in range(shard.num_row_groups)]
+    return (np.concatenate([r for r, _ in parts]),
+            np.concatenate([x for _, x in parts]).astype(np.int64))
+
+
+class ShardFile:
+    """One open shard file: its `path` and its pyarrow ParquetFile (`parquet`), whose
+    attributes it answers too (`num_row_groups`, `metadata`, …)."""
+
+    def __init__(self, path: str, parquet):
+        self.path, self.parquet = path, parquet
+
+    def __getattr__(self, attr):
+        if attr == "parquet":  # not set yet (a copy being built)
+            raise AttributeError(attr)
+        return getattr(self.parquet, attr)
+
+
+def open_shard(shards: str, name: str) -> ShardFile:
+    """One shard file, for reading it a row group at a time (read_group), every page's
+    CRC checked (files written before the CRCs have none to check); a missing file is a
+    StorageError, an unreadable footer a ShardReadError, each naming the file."""
     import pyarrow.parquet as pq
-    fs, inner = storage.resolve(storage.join(shards, name))
-    table = pq.read_table(inner, filesystem=fs)
-    return table.column("row_id").to_numpy(), rows_of(table).astype(np.int64)
+    path = storage.join(shards, name)
+    fs, inner = storage.resolve(path)
+    try:
+        source = fs.open_input_file(inner)
+    except (OSError, pa.ArrowException) as e:
+        raise storage.translate(e, path) from None
+    try:
+        return ShardFile(path, pq.ParquetFile(source, page_checksum_verification=True))
+    except (OSError, pa.ArrowException) as e:
+        raise ShardReadError(path, None, _first_line(e)) from None
 
 
-def open_shard(shards: str, name: str):
-    """One shard file as a pyarrow ParquetFile, for reading it a row group at a time."""
-    import pyarrow.parquet as pq
-    fs, inner = storage.resolve(storage.join(shards, name))
-    return pq.ParquetFile(fs.open_input_file(inner))
+def read_group(shard: ShardFile, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row_id, input_ids[n, L] int32) of row group `group` of an open_shard file; one
+    that cannot be read (corrupt bytes, a failed S3 read) is a one-line ShardReadError
+    naming the file and the group, not pyarrow's bare `ZSTD decompression failed`."""
+    try:
+        table = shard.parquet.read_row_group(group)
+        return table.column("row_id").to_numpy(), rows_of(table)
+    except (OSError, pa.ArrowException, KeyError) as e:
+        raise ShardReadError(shard.path, group, _first_line(e)) from None
 
 
-def read_group(shard, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """(row_id, input_ids[n, L] int32) of row group `group` of an open_shard file."""
-    table = shard.read_row_group(group)
-    return table.column("row_id").to_numpy(), rows_of(table)
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def read_eval_rows(shards: str, manifest: dict, limit: int) -> tuple[np.ndarray, np.ndarray]:

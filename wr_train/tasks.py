@@ -339,7 +339,12 @@ def load_task(name: str, data_dir: str) -> Task:
 
 
 def load_tasks(names, data_dir: str) -> dict[str, Task]:
-    """Load several tasks (all checked before any work starts); duplicates refused."""
+    """Load several tasks (all checked before any work starts); duplicates refused. Each
+    name must be a plain name (a sweep keeps files and trials under it), `--tasks` in
+    the error."""
+    from wr_train.config import check_plain_name
+    for name in names:
+        check_plain_name(name, "--tasks")
     tasks: dict[str, Task] = {}
     for name in names:
         task = load_task(name, data_dir)
