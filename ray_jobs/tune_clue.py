@@ -16,12 +16,13 @@ EXAMPLE = """examples:
   python ray_jobs/tune_clue.py --model demo_out/hf --tasks all --data demo_out/tasks \\
       --storage s3://bucket/sweeps --epochs 3 --batch-sizes 32 --lrs 1e-4,3e-4 \\
       --max-train-examples 2000 --asha
-  # on a cluster:
+  # on a cluster, one GPU per trial (the autoscaler starts GPU nodes for them):
   ray job submit --working-dir . -- python ray_jobs/tune_clue.py --model /shared/hf --tasks all --data /shared/tasks \\
-      --storage s3://bucket/sweeps
+      --storage s3://bucket/sweeps --gpu
 
 The same command with the same --name resumes: finished trials are not run again.
-Results: STORAGE/NAME/{scores.md,scores.json,scores.png,trials/,checkpoints/}."""
+Results: STORAGE/NAME/{scores.md,scores.json,scores.png,trials/,checkpoints/}; Ray Tune's own
+experiment directory (per-trial results, TensorBoard events, errors): STORAGE/NAME/tune/."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,13 +49,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-eval-examples", type=int, default=0, help="score the first N dev/test rows (0 = all)")
     p.add_argument("--asha", action="store_true", help="early-stop weak trials with ASHA (off: the seed's protocol)")
     p.add_argument("--no-save-best", action="store_true", help="do not keep the best model of each task")
-    p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial (default 1 on CPU)")
-    p.add_argument("--gpus-per-trial", type=float, default=1.0, help="GPUs per trial when the cluster has GPUs")
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial (default 1)")
+    p.add_argument("--gpu", action="store_true",
+                   help="one GPU per trial (= --gpus-per-trial 1): on a cluster that scales from zero, "
+                        "the trials' requests make the autoscaler start GPU nodes")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs each trial asks Ray for (default 0: CPU trials; 1 with --gpu); asked for "
+                        "whatever the cluster has at the moment")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="run a failed trial (a lost spot node, a crashed worker) again up to N times "
+                        "(default 3; 0: no retries)")
     p.add_argument("--max-concurrent", type=int, default=None, help="cap on trials at once (default: what fits)")
     p.add_argument("--model-name", default=None, help="the model's name in the score table")
     p.add_argument("--verbose", action="store_true", help="also print every epoch of every trial")
     p.add_argument("overrides", nargs="*", help="further fine-tuning settings key=value (warmup, weight_decay, clip)")
     return p
+
+
+def gpus_per_trial(args) -> float:
+    """--gpus-per-trial as given, else 1 with --gpu, else 0."""
+    if args.gpus_per_trial is not None:
+        return args.gpus_per_trial
+    return 1.0 if args.gpu else 0.0
 
 
 def main(argv=None) -> int:
@@ -74,7 +90,8 @@ def main(argv=None) -> int:
             lrs=parse_list(args.lrs, float, "--lrs"), seeds=args.seeds,
             max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples,
             seq_length=args.seq_length, asha=args.asha, save_best=not args.no_save_best,
-            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus_per_trial(args),
+            max_failures=args.max_failures,
             max_concurrent=args.max_concurrent, model_name=args.model_name, verbose=args.verbose,
             overrides=args.overrides)
     except KeyboardInterrupt:

@@ -127,6 +127,31 @@ def test_cli_finetune(demo_dir, tiny_model, tmp_path, capsys):
         "wr-train finetune: error: override batch_size: expected an integer, got 'x'"
 
 
+def test_cli_finetune_out_keeps_the_model(demo_dir, tiny_model, tmp_path, capsys):
+    """`wr-train finetune --out DIR`: DIR is a HuggingFace classifier (its best-dev epoch)
+    that AutoModelForSequenceClassification loads and that predicts the dev set as the run
+    scored it; `--result` says where the JSON goes."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from wr_train.cli import main
+    from wr_train.finetune import predict
+    out, result_path = tmp_path / "chn-model", tmp_path / "chn.json"
+    assert main(["finetune", "--model", tiny_model, "--task", "chnsenticorp", "--data", str(demo_dir / "tasks"),
+                 "--out", str(out), "--result", str(result_path), "epochs=2", "lr=1e-3",
+                 "max_train_examples=300", "max_eval_examples=200", "seq_length=48", "threads=1"]) == 0
+    result = json.loads(result_path.read_text())
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(result_path)
+    model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    task = load_task("chnsenticorp", str(demo_dir / "tasks"))
+    assert model.config.id2label == dict(enumerate(task.labels))
+    dev = encode(tok, task.dev[:200], 48)
+    import torch
+    pred = predict(model, dev, torch.device("cpu"), None, 64, tok.pad_token_id)
+    assert accuracy_f1(dev.labels, pred) == (result["dev_acc"], result["dev_f1"])
+    assert json.loads((out / "finetune.json").read_text())["best_epoch"] == result["best_epoch"]
+
+
 # ---------------------------------------------------------------- grid + report (no Ray)
 
 def test_grid_and_parsing():
@@ -138,9 +163,14 @@ def test_grid_and_parsing():
     for bad, kind in [("3,x", int), ("0", int), ("2.5", int), ("1e-4,1e-4", float), ("", float)]:
         with pytest.raises(SweepError):
             parse_list(bad, kind, "--flag")
-    assert trial_resources({"CPU": 2.0}, None, 1) == ({"cpu": 1.0}, 2)
-    assert trial_resources({"CPU": 16.0, "GPU": 2.0}, None, 1) == ({"cpu": 8.0, "gpu": 1}, 2)
-    assert trial_resources({"CPU": 8.0}, 0.5, 1) == ({"cpu": 0.5}, 16)
+    # CPU trials: as many at once as the cluster's CPUs hold now, whatever GPUs it has
+    assert trial_resources({"CPU": 2.0}, None, 0) == ({"cpu": 1.0}, 2)
+    assert trial_resources({"CPU": 8.0}, 0.5, 0) == ({"cpu": 0.5}, 16)
+    assert trial_resources({"CPU": 16.0, "GPU": 2.0}, None, 0) == ({"cpu": 1.0}, 16)
+    # GPU trials ask for their GPU whatever the cluster has now (an autoscaler from zero
+    # starts GPU nodes for the pending requests), without a cap from the present nodes
+    assert trial_resources({"CPU": 2.0}, None, 1) == ({"cpu": 1.0, "gpu": 1}, None)
+    assert trial_resources({"CPU": 16.0, "GPU": 2.0}, 4, 0.5) == ({"cpu": 4, "gpu": 0.5}, None)
 
 
 def _rec(spec: TrialSpec, dev, test=None, f1=None):
@@ -298,3 +328,36 @@ def test_tune_clue_cli_help_and_errors(tiny_model, tmp_path):
                           "--tasks", "douban", "--lrs", "1e-4,abc"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "tune_clue: error: --lrs 1e-4,abc: expected comma-separated numbers"
+
+
+def test_sweep_retries_a_lost_trial_and_keeps_tunes_dir(ray_local, demo_dir, tiny_model, tmp_path):
+    """A trial whose worker process dies (as on a reclaimed spot node) runs again by default
+    and the sweep ends complete; Tune's experiment directory, TensorBoard events and the
+    attempt's error included, stays under STORAGE/NAME/tune/."""
+    from ray.util.state import list_actors
+    lines: list[str] = []
+    killed: list[int] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if "epoch 1/2" in line and not killed:  # the trial is mid-way: kill its process
+            (actor,) = [a for a in list_actors(filters=[("class_name", "=", "ImplicitFunc"),
+                                                        ("state", "=", "ALIVE")], detail=True)]
+            os.kill(actor.pid, signal.SIGKILL)
+            killed.append(actor.pid)
+
+    rep = _sweep(tiny_model, demo_dir, tmp_path, "spot", epochs=(2,), log=log, verbose=True)
+    assert killed, lines
+    assert rep["trials_run"] == 1 and not rep["missing"] and not rep["failed"], lines
+    key = "chnsenticorp-e2-b32-lr0.001-s0"
+    retried = [line for line in lines if line.startswith(f"[tune] trial {key} failed (")]
+    assert len(retried) == 1 and retried[0].endswith("running it again (retry 1 of 3)"), lines
+    rec = json.loads((tmp_path / "spot" / "trials" / f"{key}.json").read_text())
+    assert rec["status"] == "done" and len(rec["epochs"]) == 2
+    tune_dir = tmp_path / "spot" / "tune"
+    (trial_dir,) = [p for p in tune_dir.iterdir() if p.is_dir() and p.name.startswith(key)]
+    assert list(trial_dir.glob("events.out.tfevents*")), sorted(p.name for p in trial_dir.iterdir())
+    # the killed attempt's epoch 1, then the retry's epochs 1 and 2
+    results = (trial_dir / "result.json").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in results] == [1, 1, 2]
+    assert "Failure # 1" in (trial_dir / "error.txt").read_text()

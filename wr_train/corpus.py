@@ -9,8 +9,9 @@ deletes what it wrote. The tasks are plain function tasks of one CPU each (no ac
 so on 2 CPUs nothing can starve the read (the deadlock in NOTES.md). Memory does not grow
 with the corpus: a task holds one chunk, the driver one chunk's rows plus less than a
 Parquet row group (ShardWriter), Ray Data keeps a bounded number of chunks in flight.
-The driver forwards its AWS_* variables to the tasks, so a Ray started before they were
-set still reads and writes the same S3 endpoint.
+The driver forwards its S3 settings (endpoint, region, profile: wr_train.s3.settings_env)
+to the tasks, so a Ray started before they were set still reads and writes the same S3
+endpoint; never its keys, which the tasks get as the driver does (env, profile, role).
 
 The rooms it drives: `text` (listing, chunks, cleaning), `packing` (rows from encoded
 documents), `shards` (the format it writes). Held out (`heldout`, default 1%): a share of
@@ -34,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from wr_train import storage
+from wr_train import s3, storage
 from wr_train.local_ray import ensure_ray, quiet_ray_data, root_cause_line
 from wr_train.packing import heldout_pieces, pack_flat
 from wr_train.shards import (EVAL_DIR, MANIFEST, ROWS_PER_SHARD, SPM, TOKEN_COUNTS, CorpusError,
@@ -49,7 +50,6 @@ STAT_KEYS = ("lines", "documents", "undecodable_lines", "empty_lines", "split_lo
              "text_tokens", "non_pad_tokens", "eval_documents", "eval_text_tokens",
              "eval_non_pad_tokens")
 HELDOUT = 0.01                 # share of documents held out as evaluation rows
-_S3_ENV_PREFIXES = ("AWS_",)   # forwarded to the tasks (a Ray started earlier lacks them)
 
 
 # ---------------------------------------------------------------- per-chunk work (Ray tasks)
@@ -112,7 +112,7 @@ def encode_and_pack(batch: dict, model_proto: bytes, seq_length: int, packing: s
     (no tensor-extension round trip on either side). The counts ride on the first row; a
     chunk without rows sends one dummy row (real=False); held-out rows come after the
     chunk's train rows, marked heldout=True."""
-    for key, value in (env or {}).items():  # S3 endpoint/credentials of the driver
+    for key, value in (env or {}).items():  # the driver's S3 endpoint/region/profile
         if os.environ.get(key) != value:
             os.environ[key] = value
     sp = _processor(model_proto)
@@ -137,7 +137,9 @@ def encode_and_pack(batch: dict, model_proto: bytes, seq_length: int, packing: s
 # ---------------------------------------------------------------- driver
 
 def _s3_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k.startswith(_S3_ENV_PREFIXES)}
+    """The driver's S3 settings for its tasks (endpoint, region, profile), never its keys:
+    task arguments live in Ray's object store and its spill files (wr_train.s3.SETTINGS_ENV)."""
+    return s3.settings_env()
 
 
 def _user_error(exc: BaseException) -> BaseException | None:

@@ -11,7 +11,8 @@
 - credentials: the AWS SDK's default chain (env, profile, instance role / IRSA), which
   re-reads the environment on every request, so a cached filesystem sees changed keys.
   Nothing here reads, copies or passes the keys on.
-wr_train.storage is its only user: everything else goes through storage's paths.
+wr_train.storage is its user for paths; the Ray drivers (corpus, tune) forward
+`settings_env()` to their tasks: where S3 is and which profile, never a key.
 """
 from __future__ import annotations
 
@@ -26,11 +27,23 @@ REQUEST_TIMEOUT_S = 60.0     # the SDK's stall timeout (no bytes moving), not a 
 LOOKUP_TIMEOUT_S = 10.0      # the bucket-region HEAD
 LOOKUP_RETRY_S = 60.0        # a lookup that got no answer is tried again after this
 FALLBACK_REGION = "us-east-1"
+# Where S3 is and where the SDK looks for credentials, never the credentials themselves:
+# what a driver may pass on to its Ray tasks (a Ray started before these were set lacks
+# them). Keys, secrets and session tokens stay out of every task payload: Ray keeps those
+# in its object store and spills them to disk; workers get credentials the way the driver
+# does (environment, profile, instance role / IRSA).
+SETTINGS_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
+                "AWS_PROFILE", "AWS_CONFIG_FILE")
 
 
 def endpoint() -> str | None:
     """The endpoint URL from the environment, or None for AWS itself."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def settings_env() -> dict[str, str]:
+    """The SETTINGS_ENV variables that are set here."""
+    return {k: os.environ[k] for k in SETTINGS_ENV if os.environ.get(k)}
 
 
 def explicit_region() -> str | None:

@@ -6,6 +6,13 @@ mean as "Score". Here every (task, epochs, batch, lr, seed) is one Tune trial: a
 function trainable that fine-tunes on one GPU (or one CPU here) — no TorchTrainer start-up
 per trial (NOTES.md: `Tuner(TorchTrainer)` fails in Ray 2.60 anyway).
 
+Resources are asked for, never guessed from the cluster of the moment: `gpus_per_trial`
+(`--gpus-per-trial`, `--gpu` = 1) is what each trial requests, so on a cluster that scales
+from zero the pending trials are what makes the autoscaler start GPU nodes; a trial that
+Ray gave a GPU but finds no CUDA device fails with one line. A failed trial (a lost spot
+node, a crashed worker) is run again up to `max_failures` times. Tune's own experiment
+directory (results, TensorBoard events, error files) is STORAGE/NAME/tune/.
+
 A sweep lives in STORAGE/NAME/ (the layout and the trial records: wr_train.tune_trials;
 scores.json/.md/.png: wr_train.tune_report). Running the same sweep again (same NAME)
 skips the trials whose file exists, so an interrupted sweep resumes where it stopped and
@@ -21,10 +28,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
+import posixpath
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -33,18 +41,17 @@ from typing import Callable
 
 from ray import tune
 
+from wr_train import s3
 from wr_train import storage as store
-from wr_train.local_ray import ensure_ray
+from wr_train.local_ray import ensure_ray, root_cause_line
 from wr_train.tune_report import add_scores_to_card, pct, write_report
 from wr_train.tune_trials import (SEED_BATCH_SIZES, SEED_EPOCHS, SEED_LRS, SweepError, TrialSpec,
                                   best_by_task, build_grid, checkpoint_path, dev_key, read_trials,
                                   trial_path)
 
 MODEL_SKIP = (".png", ".md")  # export extras trials do not need
-# Storage settings (wr_train.storage reads these) passed on to trials whose worker
-# processes lack them, as Ray's runtime_env env_vars would: trials write their own files.
-STORAGE_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
-               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+MAX_FAILURES = 3              # retries of a failed trial (spot nodes come and go)
+TUNE_DIR = "tune"             # Tune's experiment directory inside the sweep's
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -112,14 +119,17 @@ def _trial(config: dict, payload: dict) -> None:
     best so far, write trials/<key>.json (its presence marks the trial done). The last
     epoch is reported only after that: a scheduler may stop the trial on that report."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for key, value in payload["env"].items():
+    for key, value in payload["env"].items():  # S3 endpoint/region/profile, never keys
         os.environ.setdefault(key, value)
     from wr_train.finetune import FinetuneConfig, finetune
     spec = TrialSpec(**config["trial"])
+    device = _trial_device(spec, payload["gpus_per_trial"])
     model_dir = materialize_model(payload["model_files"], payload["model_sha"])
     task = payload["tasks"][spec.task]
-    cfg = FinetuneConfig(**{**payload["base_config"], "epochs": spec.epochs,
-                            "batch_size": spec.batch_size, "lr": spec.lr, "seed": spec.seed})
+    base = payload["base_config"]
+    cfg = FinetuneConfig(**{**base, "epochs": spec.epochs, "batch_size": spec.batch_size,
+                            "lr": spec.lr, "seed": spec.seed,
+                            "device": device if base.get("device", "auto") == "auto" else base["device"]})
     sweep_dir = payload["sweep_dir"]
     last: list[dict] = []
 
@@ -141,6 +151,34 @@ def _trial(config: dict, payload: dict) -> None:
     tune.report(last[-1])
 
 
+def _trial_device(spec: TrialSpec, gpus_per_trial: float) -> str:
+    """"cuda" where Ray gave the trial a GPU, "cpu" where it gave none. A GPU from Ray
+    that torch cannot see (a CPU build of torch, no driver) fails the trial in one line
+    rather than running it on the CPU unnoticed."""
+    if not gpus_per_trial > 0:
+        return "cpu"
+    import ray
+    import torch
+    if torch.cuda.is_available():
+        return "cuda"
+    ids = ",".join(str(i) for i in ray.get_gpu_ids()) or "none"
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+    raise SweepError(f"trial {spec.key}: Ray gave it GPU {ids} on {socket.gethostname()}, but "
+                     f"torch {torch.__version__} ({build}) finds no CUDA device there: install "
+                     f"a CUDA torch on the GPU nodes, or run the sweep with --gpus-per-trial 0")
+
+
+def _last_error(trial) -> str:
+    """The one line naming why a trial's last attempt failed (from Tune's error file)."""
+    try:
+        text = Path(trial.error_file).read_text(errors="replace")
+    except (OSError, TypeError):
+        return "no error file (see Ray's logs)"
+    last = re.split(r"^Failure # \d+.*$", text, flags=re.M)[-1].strip()
+    line = root_cause_line(RuntimeError(last)) if last else "unknown error"
+    return re.sub(r"^(?:[A-Za-z_][\w]*\.)+(?=\w*(?:Error|Exception)\b)", "", line)[:500]
+
+
 def _beats_finished(sweep_dir: str, rec: dict) -> bool:
     """Is `rec` better than every finished trial of its task that kept its model (only then
     is its model uploaded)?"""
@@ -156,8 +194,9 @@ class _Progress(tune.Callback):
     record of a trial that ASHA stopped early; prunes the models of trials that are not
     their task's best."""
 
-    def __init__(self, sweep_dir, specs_by_key, total, finished, log, verbose):
+    def __init__(self, sweep_dir, specs_by_key, total, finished, log, verbose, max_failures=0):
         self.sweep_dir, self.specs, self.total = sweep_dir, specs_by_key, total
+        self.max_failures = max_failures
         self.records = dict(finished)
         self.log, self.verbose = log, verbose
         self.history: dict[str, list] = {}   # key -> epoch rows
@@ -226,11 +265,17 @@ class _Progress(tune.Callback):
                 r["checkpoint"] = None
                 store.write_text(trial_path(self.sweep_dir, r["key"]), json.dumps(r, indent=1))
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        spec = self._spec(trial)
+        self.log(f"[tune] trial {spec.key} failed ({_last_error(trial)}); running it again "
+                 f"(retry {trial.run_metadata.num_failures} of {self.max_failures})")
+
     def on_trial_error(self, iteration, trials, trial, **info):
         spec = self._spec(trial)
         self.failed.append(spec.key)
-        err = getattr(trial, "error_file", None) or ""
-        self.log(f"[tune] trial {spec.key} failed (rerun by running the same sweep again) {err}")
+        tries = f" {self.max_failures + 1} times" if self.max_failures else ""
+        self.log(f"[tune] trial {spec.key} failed{tries}: {_last_error(trial)} "
+                 f"(running the same sweep again retries it)")
 
 
 def _elapsed(start: float) -> str:
@@ -238,15 +283,16 @@ def _elapsed(start: float) -> str:
     return f"{s // 60}m{s % 60:02d}s"
 
 
-def trial_resources(cluster: dict, cpus_per_trial: float | None, gpus_per_trial: float) -> tuple[dict, int]:
-    """Per-trial resources and how many trials fit at once on this cluster."""
-    cpus, gpus = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
-    if gpus >= gpus_per_trial > 0:
-        n = int(gpus // gpus_per_trial)
-        cpu = cpus_per_trial or max(1.0, math.floor(cpus / n))
-        return {"cpu": cpu, "gpu": gpus_per_trial}, max(1, min(n, int(cpus // cpu) or 1))
+def trial_resources(cluster: dict, cpus_per_trial: float | None,
+                    gpus_per_trial: float) -> tuple[dict, int | None]:
+    """Per-trial resources (`cpus_per_trial`, default 1, and `gpus_per_trial` as given,
+    whatever the cluster has now) and how many trials may run at once: for CPU trials what
+    the cluster's CPUs hold now; for GPU trials no cap (None): Tune queues them and the
+    pending requests are what an autoscaler starts GPU nodes for."""
     cpu = cpus_per_trial or 1.0
-    return {"cpu": cpu}, max(1, int(cpus // cpu))
+    if gpus_per_trial > 0:
+        return {"cpu": cpu, "gpu": gpus_per_trial}, None
+    return {"cpu": cpu}, max(1, int(float(cluster.get("CPU", 1)) // cpu))
 
 
 def default_model_name(model_dir: str) -> str:
@@ -263,16 +309,18 @@ def run_sweep(model_dir: str, tasks, data_dir: str, storage: str | None = None,
               lrs=SEED_LRS, seeds: int = 1, max_train_examples: int = 0,
               log: Callable[[str], None] = print, *, seq_length: int = 128,
               max_eval_examples: int = 0, asha: bool = False, save_best: bool = True,
-              cpus_per_trial: float | None = None, gpus_per_trial: float = 1.0,
+              cpus_per_trial: float | None = None, gpus_per_trial: float = 0.0,
               max_concurrent: int | None = None, model_name: str | None = None,
-              verbose: bool = False, overrides=()) -> dict:
+              verbose: bool = False, overrides=(), max_failures: int = MAX_FAILURES) -> dict:
     """Run (or resume) the grid; return {"sweep_dir", "scores_md" (= "table"), "scores", "best",
     "score", "trials_run", "trials_skipped", "failed", "missing"} (missing: keys of grid
     trials without a result, e.g. after a failure or Ctrl-C; running again completes them).
 
     `tasks`: names or "a,b,c"; `storage`: local dir or s3:// (default ./results);
     `name`: the sweep's name (default clue-<model>); `overrides`: further FinetuneConfig
-    `key=value`s (e.g. warmup=0.1). Everything is checked before any trial starts.
+    `key=value`s (e.g. warmup=0.1); `gpus_per_trial`: GPUs each trial asks Ray for (0: CPU
+    trials); `max_failures`: retries of a failed trial. Everything is checked before any
+    trial starts.
     """
     from wr_train.hf import check_hf_dir
     from wr_train.finetune import config_from_overrides
@@ -293,6 +341,8 @@ def run_sweep(model_dir: str, tasks, data_dir: str, storage: str | None = None,
         raise SweepError(f"--cpus-per-trial {cpus_per_trial}: expected a positive number (Ray refuses 0)")
     if gpus_per_trial < 0 or (max_concurrent is not None and max_concurrent < 1):
         raise SweepError("--gpus-per-trial must be >= 0 and --max-concurrent >= 1")
+    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
+        raise SweepError(f"--max-failures {max_failures}: expected an integer >= 0")
     name = name or _default_name(model_dir)
     if not re.fullmatch(r"[A-Za-z0-9_.=+-]+", name):
         raise SweepError(f"--name {name!r}: use letters, digits and _ . = + - only")
@@ -321,7 +371,7 @@ def run_sweep(model_dir: str, tasks, data_dir: str, storage: str | None = None,
     if pending:
         failed = _run_tune(pending, specs, finished, loaded, files, model_sha, base, sweep_dir,
                            save_best, asha, cpus_per_trial, gpus_per_trial, max_concurrent,
-                           log, verbose, model_dir)
+                           log, verbose, model_dir, max_failures)
     records = {k: r for k, r in read_trials(sweep_dir).items() if k in {s.key for s in specs}}
     report = write_report(sweep_dir, specs, records, loaded, meta,
                           model_name or default_model_name(model_dir), log)
@@ -356,23 +406,31 @@ def _check_resume(sweep_dir: str, meta: dict) -> dict:
 
 
 def _run_tune(pending, specs, finished, loaded, files, model_sha, base, sweep_dir, save_best,
-              asha, cpus_per_trial, gpus_per_trial, max_concurrent, log, verbose, model_dir) -> list[str]:
+              asha, cpus_per_trial, gpus_per_trial, max_concurrent, log, verbose, model_dir,
+              max_failures) -> list[str]:
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then prints no tables
     ensure_ray(verbose=verbose)  # attaches to the cluster when RAY_ADDRESS is set
-    resources, fits = trial_resources(ray.cluster_resources(), cpus_per_trial, gpus_per_trial)
-    concurrent = max(1, min(len(pending), fits, max_concurrent or fits))
+    cluster = ray.cluster_resources()
+    resources, fits = trial_resources(cluster, cpus_per_trial, gpus_per_trial)
+    concurrent = max(1, min(n for n in (len(pending), fits, max_concurrent) if n))
     # torch threads = the trial's whole CPUs: oversubscribed threads spin and crawl (NOTES.md)
     base = {**base, "threads": base.get("threads") or max(1, int(resources["cpu"]))}
-    log(f"[tune] {len(pending)} trials, {concurrent} at a time, each "
+    log(f"[tune] {len(pending)} trials, {'up to ' * (fits is None)}{concurrent} at a time, each "
         + ", ".join(f"{v:g} {k.upper()}" for k, v in resources.items())
-        + f" ({base['threads']} torch thread{'s' * (base['threads'] > 1)})")
+        + f" ({base['threads']} torch thread{'s' * (base['threads'] > 1)}); a failed trial "
+        f"runs again up to {max_failures} time{'s' * (max_failures != 1)}")
+    if gpus_per_trial > 0 and float(cluster.get("GPU", 0)) < gpus_per_trial:
+        log(f"[tune] the cluster has {float(cluster.get('GPU', 0)):g} GPUs now: the trials wait "
+            f"until the autoscaler adds GPU nodes (--gpus-per-trial 0 runs them on CPUs)")
+    # Task payloads live in Ray's object store (and its spill files): the S3 settings go
+    # along, never the keys; trials get those as the driver did (env, profile, instance role).
     payload = {"model_files": files, "model_sha": model_sha, "tasks": {t: loaded[t] for t in
                {s.task for s in pending}}, "base_config": base, "sweep_dir": sweep_dir,
                "save_best": save_best, "model_dir": str(model_dir),
-               "env": {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
-               if store.is_s3(sweep_dir) else {}}
+               "gpus_per_trial": gpus_per_trial,
+               "env": s3.settings_env() if store.is_s3(sweep_dir) else {}}
     trainable = tune.with_resources(tune.with_parameters(_trial, payload=payload), resources)
     scheduler = None
     if asha:
@@ -380,21 +438,27 @@ def _run_tune(pending, specs, finished, loaded, files, model_sha, base, sweep_di
         scheduler = ASHAScheduler(time_attr="epoch", metric="dev_acc", mode="max",
                                   max_t=max(s.epochs for s in pending), grace_period=1,
                                   reduction_factor=3)
-    progress = _Progress(sweep_dir, {s.key: s for s in specs}, len(specs), finished, log, verbose)
-    scratch = tempfile.mkdtemp(prefix="wr-tune-")
-    try:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search([dataclasses.asdict(s) for s in pending])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, scheduler=scheduler,
-                                        reuse_actors=True,
-                                        trial_name_creator=lambda t: t.config["trial"]["task"],
-                                        trial_dirname_creator=lambda t: f"{t.trial_id}"),
-            run_config=tune.RunConfig(name="sweep", storage_path=scratch, verbose=0,
-                                      callbacks=[progress],
-                                      failure_config=tune.FailureConfig(max_failures=0)),
-        )
-        tuner.fit()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    progress = _Progress(sweep_dir, {s.key: s for s in specs}, len(specs), finished, log, verbose,
+                         max_failures)
+    # Tune's experiment directory (per-trial results, TensorBoard events, error files) is
+    # STORAGE/NAME/tune/, beside the sweep's own files; each trial's folder is its key + id.
+    fs, root = store.resolve(store.join(sweep_dir, TUNE_DIR))
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([dataclasses.asdict(s) for s in pending])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, scheduler=scheduler,
+                                    reuse_actors=True,
+                                    trial_name_creator=lambda t: t.config["trial"]["task"],
+                                    trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(name=posixpath.basename(root),
+                                  storage_path=posixpath.dirname(root),
+                                  storage_filesystem=fs if store.is_s3(sweep_dir) else None,
+                                  verbose=0, callbacks=[progress],
+                                  failure_config=tune.FailureConfig(max_failures=max_failures)),
+    )
+    tuner.fit()
     return progress.failed
+
+
+def _trial_dirname(trial) -> str:
+    return f"{TrialSpec(**trial.config['trial']).key}_{trial.trial_id}"
