@@ -2,11 +2,17 @@
 
 - cluster/aws.yaml validates against the schema the installed Ray ships (and Ray's own
   launcher checks after filling in its AWS defaults); CPU head, 8-GPU and 1-GPU worker
-  types with min/max workers, instance profiles for S3, set-up that installs CUDA torch
-  then Ray at the installed version then wr-train, token auth on every node;
+  types with min/max workers, instance profiles for S3, every node in the image of
+  cluster/Dockerfile (its `docker:` block) with a set-up that only re-installs wr-train
+  against constraints.txt, token auth on every node;
+- NCCL over EFA on the 8-GPU types: the instance's EFA interfaces, a placement group, the
+  EFA devices and the libfabric/NCCL environment (aws.yaml and the KubeRay manifests);
 - the KubeRay manifests parse and carry the fields KubeRay requires;
-- cluster/runtime_env.yaml is a valid Ray runtime_env;
-- no file in cluster/ holds AWS keys;
+- cluster/runtime_env.yaml is a valid Ray runtime_env that installs nothing;
+- one set of pins: constraints.txt pins every package the suite runs with (the versions
+  installed here), and the Makefile, the Dockerfile and aws.yaml install with it; the image's
+  Ray tag names the CUDA of the torch index it installs from;
+- no file in cluster/ holds AWS keys or a fixed AWS region (wr-train asks each bucket);
 - every entrypoint named in the manifests and the docs exists, `--help` works, and the
   flags given to it are accepted by its argparse (and, for pretraining, by the config
   loader and its validation), without running anything.
@@ -71,14 +77,11 @@ def test_aws_node_types_and_set_up():
     # S3 through instance profiles, on every node type
     for name, t in types.items():
         assert t["node_config"]["IamInstanceProfile"]["Name"].startswith("wr-train-"), name
-    # set-up: CUDA torch first, then Ray at the version installed here, then wr-train
-    setup = config["setup_commands"]
-    torch_at = next(i for i, c in enumerate(setup) if re.search(r"pip install .*\btorch\b", c))
-    assert "download.pytorch.org/whl/cu" in setup[torch_at]
-    wr_at = next(i for i, c in enumerate(setup) if "-e ~/wr-train" in c)
-    assert torch_at < wr_at
-    pins = re.findall(r"ray\[[a-z,]+\]==([\d.]+)", " ".join(setup))
-    assert pins == [ray_version()], (pins, ray_version())
+    # every node runs the image the KubeRay manifests run; a scale-up installs nothing big:
+    # the set-up re-installs the synced checkout held to the pins, nothing else
+    assert config["docker"]["image"] == kuberay_image()
+    assert config["setup_commands"] == ["pip install -q -c ~/wr-train/constraints.txt -e ~/wr-train"]
+    assert "torch" not in json.dumps(config).replace("wr-train", "")
     assert config["file_mounts"]["~/wr-train"] == "."
     assert "~/.ray/auth_token" in config["file_mounts"]
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
@@ -86,12 +89,49 @@ def test_aws_node_types_and_set_up():
         assert start and all("RAY_AUTH_MODE=token" in c for c in start), key
 
 
-def test_no_credentials_in_cluster_files():
+def test_no_credentials_or_fixed_region_in_cluster_files():
     pattern = re.compile(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|AWS_SECRET_ACCESS_KEY|"
                          r"AWS_ACCESS_KEY_ID|aws_access_key_id", re.I)
     for path in [*CLUSTER.rglob("*"), DOCS]:
         if path.is_file():
             assert not pattern.search(path.read_text()), path
+    # a region set on the nodes would win over each bucket's own (wr_train.s3)
+    for path in CLUSTER.rglob("*.yaml"):
+        assert not re.search(r"name: AWS_(DEFAULT_)?REGION|AWS_(DEFAULT_)?REGION[=:]", path.read_text()), path
+
+
+def efa_interfaces(instance_type: str) -> int:
+    """EFA interfaces (network cards) of the 8-GPU instance types."""
+    return {"p4d.24xlarge": 4, "p4de.24xlarge": 4, "p5.48xlarge": 32, "p5e.48xlarge": 32,
+            "p5en.48xlarge": 16}[instance_type]
+
+
+def test_aws_efa_on_the_multi_node_gpu_type():
+    config = load("aws.yaml")
+    types = config["available_node_types"]
+    (gpu8,) = [t for t in types.values() if t["resources"].get("GPU") == 8]
+    node = gpu8["node_config"]
+    nics = node["NetworkInterfaces"]
+    assert len(nics) == efa_interfaces(node["InstanceType"])
+    assert [n["NetworkCardIndex"] for n in nics] == list(range(len(nics)))
+    assert all(n["InterfaceType"] == "efa" for n in nics)
+    assert [n["DeviceIndex"] for n in nics] == [0] + [1] * (len(nics) - 1)
+    assert node["Placement"]["GroupName"]
+    # one security group for every node: Ray's ports and EFA traffic within the group
+    groups = {g for n in nics for g in n["Groups"]}
+    assert len(groups) == 1 and len({n["SubnetId"] for n in nics}) == 1
+    for name, t in types.items():
+        if t is not gpu8:
+            assert t["node_config"]["SecurityGroupIds"] == list(groups), name
+            assert "NetworkInterfaces" not in t["node_config"] and "docker" not in t, name
+    run = " ".join(gpu8["docker"]["worker_run_options"])
+    for needle in ("--device=/dev/infiniband", "--cap-add=IPC_LOCK", "memlock=-1",
+                   "FI_PROVIDER=efa", "FI_EFA_USE_DEVICE_RDMA=1", "NCCL_DEBUG="):
+        assert needle in run, needle
+    # Ray's launcher accepts the interfaces (subnets and groups given per interface)
+    from ray.autoscaler._private.aws.config import _configure_node_type_from_network_interface
+    done = _configure_node_type_from_network_interface(gpu8)
+    assert set(done["node_config"]["SecurityGroupIds"]) == groups
 
 
 # ------------------------------------------------------------------ KubeRay
@@ -120,6 +160,33 @@ def check_ray_cluster_spec(spec: dict, where: str) -> None:
         assert int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1, (where, g["groupName"])
     for pod in [head["template"], *(g["template"] for g in groups)]:
         assert pod["spec"]["serviceAccountName"] == "wr-train", where  # S3 via the pod's IAM role
+
+
+def kuberay_image() -> str:
+    images = {image for name in ("raycluster.yaml", "rayjob.yaml") for d in kube_docs(name)
+              for image in re.findall(r"'image': '([^']+)'", str(d))}
+    assert len(images) == 1, images
+    return images.pop()
+
+
+def gpu8_groups():
+    rc = [d for d in kube_docs("raycluster.yaml") if d["kind"] == "RayCluster"][0]["spec"]
+    job = kube_docs("rayjob.yaml")[0]["spec"]["rayClusterSpec"]
+    return [g for spec in (rc, job) for g in spec["workerGroupSpecs"]
+            if g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"]
+
+
+def test_kuberay_efa_on_the_multi_node_gpu_groups():
+    groups = gpu8_groups()
+    assert len(groups) == 2
+    for g in groups:
+        c = g["template"]["spec"]["containers"][0]
+        res = c["resources"]
+        assert res["requests"]["vpc.amazonaws.com/efa"] == res["limits"]["vpc.amazonaws.com/efa"]
+        assert int(res["limits"]["vpc.amazonaws.com/efa"]) in (4, 16, 32)
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1" and "NCCL_DEBUG" in env
+        assert "IPC_LOCK" in c["securityContext"]["capabilities"]["add"]
 
 
 def test_raycluster_manifest():
@@ -153,6 +220,65 @@ def test_runtime_env_is_valid():
     assert env["working_dir"] == "."
     assert ".venv" in env["excludes"]
     assert "DS_ACCELERATOR" not in env.get("env_vars", {})  # would clash with wr-train's own
+    # the job runs on the nodes' pinned stack: nothing installed per job
+    assert not {"pip", "uv", "conda", "py_executable"} & set(env)
+
+
+# ------------------------------------------------------------------ one set of pins
+
+def constraints() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version and "+" not in version, line  # one exact, build-free pin
+            pins[canonical(name)] = version
+    return pins
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_constraints_pin_what_the_suite_runs_with():
+    """Every installed package at its pinned version (`make install` installs with the
+    pins; after a dependency change `make constraints` rewrites them), and every package
+    wr-train and its test extra name is pinned."""
+    from importlib import metadata
+    import tomllib
+    pins = constraints()
+    installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    wrong = {n: (v, installed[n]) for n, v in pins.items()
+             if n in installed and installed[n].split("+")[0] != v}
+    assert not wrong, f"installed versions differ from constraints.txt (run `make constraints`): {wrong}"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for req in [*project["dependencies"], *project["optional-dependencies"]["test"]]:
+        name = canonical(re.match(r"[A-Za-z0-9_.-]+", req).group())
+        assert name in pins, f"{req}: not in constraints.txt (run `make constraints`)"
+    assert pins["ray"] == ray_version()
+
+
+def test_every_install_reads_the_constraints():
+    make = (REPO / "Makefile").read_text()
+    installs = [line for line in make.splitlines() if "pip install" in line and "--upgrade pip" not in line]
+    assert len(installs) == 2 and all("-c $(CONSTRAINTS)" in line for line in installs), installs
+    assert "CONSTRAINTS := constraints.txt" in make
+    docker = (CLUSTER / "Dockerfile").read_text()
+    assert "COPY --chown=ray:users constraints.txt" in docker
+    runs = re.findall(r"pip install[^\n]*", docker)
+    assert len(runs) == 2 and all("-c constraints.txt" in r for r in runs), runs
+    assert "pip install -q -c ~/wr-train/constraints.txt" in load("aws.yaml")["setup_commands"][0]
+
+
+def test_image_is_rays_cuda_tag_matching_torchs_index():
+    docker = (CLUSTER / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", docker, re.M))
+    assert args["RAY_VERSION"] == ray_version() == constraints()["ray"]
+    cuda = args["CUDA"]
+    assert re.fullmatch(r"cu\d{3}", cuda)
+    assert "FROM rayproject/ray:${RAY_VERSION}-py311-${CUDA}" in docker  # Python 3.11, as tested
+    assert 'download.pytorch.org/whl/${CUDA}' in docker and '+${CUDA}"' in docker
+    assert sys.version_info[:2] == (3, 11)
 
 
 # ------------------------------------------------------------------ entrypoints and their flags
