@@ -222,6 +222,12 @@ def test_runtime_env_is_valid():
     assert "DS_ACCELERATOR" not in env.get("env_vars", {})  # would clash with wr-train's own
     # the job runs on the nodes' pinned stack: nothing installed per job
     assert not {"pip", "uv", "conda", "py_executable"} & set(env)
+    # docs/cluster.md's NCCL check appends a variable to the file: it lands in env_vars
+    text = (CLUSTER / "runtime_env.yaml").read_text()
+    assert "echo '  NCCL_DEBUG: INFO' >> /tmp/runtime_env_nccl.yaml" in DOCS.read_text()
+    nccl = yaml.safe_load(text + "  NCCL_DEBUG: INFO\n")
+    RuntimeEnv(**nccl)
+    assert nccl["env_vars"] == {**env["env_vars"], "NCCL_DEBUG": "INFO"}
 
 
 # ------------------------------------------------------------------ one set of pins
