@@ -413,3 +413,16 @@ def test_docs_cover_the_whole_path():
         assert needle in text, needle
     for path in re.findall(r"`(cluster/[\w./-]+)`", text):
         assert (REPO / path).exists(), path
+
+
+def test_readme_and_makefile_agree_on_torch():
+    """A fresh Linux machine gets the CPU build from `make install` (PyTorch's CPU index),
+    as the README says; the README's GPU command names the image's CUDA."""
+    make = (REPO / "Makefile").read_text()
+    assert re.search(r"^TORCH_INDEX \?= https://download\.pytorch\.org/whl/cpu$", make, re.M)
+    assert "TORCH_SPEC ?= torch==$(TORCH_VERSION) --extra-index-url $(TORCH_INDEX)" in make
+    readme = (REPO / "README.md").read_text()
+    assert f"installs torch {constraints()['torch']}'s CPU build first (from PyTorch's" in readme
+    cuda = dict(re.findall(r"^ARG (\w+)=(\S+)$", (CLUSTER / "Dockerfile").read_text(), re.M))["CUDA"]
+    assert f"make TORCH_INDEX=https://download.pytorch.org/whl/{cuda} install" in readme
+    assert f"torch=={constraints()['torch']}+{cuda} --extra-index-url https://download.pytorch.org/whl/{cuda}" in readme
