@@ -120,8 +120,8 @@ def child(args) -> None:
         from wr_train.tokenizer import load_spm
         sp = load_spm(args.spm)
         lines = []
-        for path, _ in files:
-            with open(path, encoding="utf-8", errors="replace") as f:
+        for src in files:
+            with open(src.path, encoding="utf-8", errors="replace") as f:
                 lines += [t for t in map(str.strip, f) if t]
         cpu0, t0 = tree_cpu_seconds(), time.perf_counter()
         threads = int(args.child[3:])
@@ -146,7 +146,7 @@ def child(args) -> None:
                  resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "text_tokens": int(text_tokens),
                       "startup_seconds": startup, "max_rss_mb": maxrss,
-                      "rows": int(rows), "bytes": sum(s for _, s in files)}), flush=True)
+                      "rows": int(rows), "bytes": sum(s.bytes for s in files)}), flush=True)
 
 
 def plain_loop(args, chunks: list[dict], out: str) -> tuple[int, int]:
@@ -157,10 +157,9 @@ def plain_loop(args, chunks: list[dict], out: str) -> tuple[int, int]:
     writer = shards.ShardWriter(out, args.seq_length, shards.ROWS_PER_SHARD)
     text_tokens = 0
     for c in chunks:
-        rows, _, stats = corpus.chunk_rows(sp, c["path"], c["start"], c["end"], args.seq_length,
-                                        args.packing)
-        writer.add(rows)
-        text_tokens += stats["text_tokens"]
+        for rows, _, stats in corpus.chunk_rows(sp, c, args.seq_length, args.packing):
+            writer.add(rows)
+            text_tokens += stats["text_tokens"]
     writer.close()
     return text_tokens, writer.rows
 

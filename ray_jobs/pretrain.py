@@ -1,4 +1,4 @@
-"""`ray job submit` entry point for pretraining: the same flags as `wr-train pretrain`.
+r"""`ray job submit` entry point for pretraining: the same flags as `wr-train pretrain`.
 
     ray job submit --working-dir . -- python ray_jobs/pretrain.py \
         --config seed-base stages.0.shards=s3://b/shards128 stages.1.shards=s3://b/shards512 \

@@ -19,7 +19,7 @@ from wr_train import corpus, storage
 from wr_train.corpus import preprocess
 from wr_train.packing import heldout_pieces, pack_rows
 from wr_train.shards import BLOCK_ROWS, CorpusError, ShardWriter, load_manifest, read_eval_rows, read_rows
-from wr_train.text import MAX_DOC_CHARS, clean_documents, plan_chunks, read_chunk, split_long_line
+from wr_train.text import MAX_DOC_CHARS, Source, clean_documents, plan_chunks, read_chunk, split_long_line
 from wr_train.tokenizer import CLS, NUM_SPECIAL, PAD, SEP, TokenizerError, file_sha256, load_spm
 
 SEQ = 64
@@ -136,7 +136,7 @@ def test_read_chunk_partitions_the_file_exactly(tmp_path):
     data = ("\n".join(lines)).encode()  # no final newline
     path.write_bytes(data)
     for chunk_bytes in (1, 7, 64, 1000, 4096, len(data), len(data) * 2):
-        chunks = plan_chunks([(str(path), len(data))], chunk_bytes)
+        chunks = plan_chunks([Source(str(path), len(data))], chunk_bytes)
         assert all(c["end"] - c["start"] <= chunk_bytes for c in chunks)
         got = b"".join(read_chunk(str(path), c["start"], c["end"]) for c in chunks)
         assert got == data, chunk_bytes
@@ -199,7 +199,8 @@ def test_ten_mb_line_memory_is_bounded(tmp_path, tiny_spm, demo_dir):
              "from wr_train import corpus\nfrom wr_train.tokenizer import load_spm\n"
              "sp = load_spm(sys.argv[1]); f = sys.argv[2]\n"
              "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-             "rows, _, st = corpus.chunk_rows(sp, f, 0, os.path.getsize(f), 128, 'full')\n"
+             "chunk = {'path': f, 'format': 'txt', 'field': '', 'start': 0, 'end': os.path.getsize(f)}\n"
+             "[(rows, _, st)] = corpus.chunk_rows(sp, chunk, 128, 'full')\n"
              "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
              "print(json.dumps({'grew_mb': (peak - base) / 1024, **st}))\n")
     out = subprocess.run([sys.executable, "-c", probe, str(tiny_spm), str(path)], check=True,
@@ -283,12 +284,13 @@ def test_manifest_counts(full_run, reference, text_files, tiny_spm):
     assert m["text_tokens"] == sum(map(len, docs))
     assert m["tokens"] == m["rows"] * SEQ
     assert m["pad_fraction"] == round(1 - m["non_pad_tokens"] / m["tokens"], 6) < 0.01
-    assert m["skipped"] == {"undecodable_lines": 2, "empty_lines": 4}
+    assert m["skipped"] == {"undecodable_lines": 2, "empty_lines": 4, "missing_field": 0}
     assert {k: m["skipped"].get(k, m.get(k)) for k in stats} == stats
     assert m["split_long_lines"] == 1
     assert m["vocab_size"] == 8000 and m["spm_sha256"] == file_sha256(tiny_spm / "spm.model")
     assert (out / "spm.model").read_bytes() == (tiny_spm / "spm.model").read_bytes()
     assert [s["path"] for s in m["sources"]] == text_files
+    assert {s["format"] for s in m["sources"]} == {"txt"}
     assert [s["bytes"] for s in m["sources"]] == [os.path.getsize(f) for f in text_files]
     assert m["chunks"] > len(text_files)  # the test really crosses chunk edges
     first = 0

@@ -47,6 +47,61 @@ def test_export_layout_and_card(exported):
     assert config["hidden_dropout_prob"] == 0.1  # fine-tuning's dropout, whatever pretraining used
 
 
+def card_parts(model_dir: Path) -> tuple[dict, str]:
+    """(the front matter as YAML data, the rest) of an exported README.md."""
+    import yaml
+    card = (model_dir / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\n")
+    head, body = card[4:].split("\n---\n", 1)
+    return yaml.safe_load(head), body
+
+
+def test_card_is_hub_ready(exported, pretrained_run):
+    """The Hub's front matter (license, library, pipeline tag, the corpus files as datasets,
+    a fill-mask widget), code that loads the folder by its real name and runs as written,
+    one tokenizer class that is what AutoTokenizer loads, and no local paths."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    meta, body = card_parts(exported)
+    assert meta == {"language": "zh", "license": "apache-2.0", "library_name": "transformers",
+                    "pipeline_tag": "fill-mask", "datasets": ["peoples_daily", "reviews"],
+                    "tags": ["bert", "roberta", "word-based", "chinese", "wr-train"],
+                    "widget": [{"text": "最近一趟去北京的[MASK]几点发车"}]}
+    assert "THIS_DIR" not in body and f"from_pretrained('{exported.name}')" in body
+    assert "huggingface-cli upload" in body and "peoples_daily.txt (txt)" in body
+    code = body.split("```python\n", 1)[1].split("```", 1)[0]
+    run = subprocess.run([sys.executable, "-c", code + "print(len(unmasker('最近一趟去北京的[MASK]几点发车')))"],
+                         cwd=exported.parent, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.split()[-1] == "5", run.stderr[-2000:]
+    config = json.loads((exported / "config.json").read_text())
+    tokenizer_config = json.loads((exported / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert isinstance(AutoTokenizer.from_pretrained(str(exported)), PreTrainedTokenizerFast)
+    cfg, _ = pretrained_run
+    text = (exported / "training_state.json").read_text()
+    state = json.loads(text)
+    assert state["config"]["storage"] == Path(cfg.storage).name
+    assert state["config"]["stages"][0]["shards"] == "s128"
+    assert state["step"] == 30 and '"/' not in text and str(Path(cfg.storage).parent) not in text
+
+
+def test_export_cli_sets_license_and_widget(pretrained_run, tmp_path, capsys):
+    from wr_train.cli import main
+    _, last = pretrained_run
+    out = tmp_path / "zh-tiny"
+    assert main(["export", last, "--out", str(out), "--license", "mit", "--widget", "北京是中国的[MASK]。"]) == 0
+    meta, body = card_parts(out)
+    assert meta["license"] == "mit" and meta["widget"] == [{"text": "北京是中国的[MASK]。"}]
+    assert "unmasker('北京是中国的[MASK]。')" in body and "from_pretrained('zh-tiny')" in body
+    capsys.readouterr()
+    assert main(["export", last, "--out", str(tmp_path / "o"), "--widget", "no mask"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "wr-train export: error: --widget 'no mask': expected a [MASK] in it"
+    assert not (tmp_path / "o").exists()
+
+
 def test_exported_logits_equal_training_model(exported, pretrained_run, shards128):
     """HF's full-vocab logits at the masked positions == the sparse training head's logits,
     with the training module's weights read from DeepSpeed's own model-states file."""

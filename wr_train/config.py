@@ -8,6 +8,7 @@ validation raise `ConfigError` with one line that names the key and what was exp
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -143,10 +144,11 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
 
-    def validate(self) -> "PretrainConfig":
+    def validate(self, need_shards: bool = True) -> "PretrainConfig":
         """Every setting in its range, each bad one a one-line ConfigError naming the key
         and the range: what Ray, DeepSpeed or numpy would refuse only inside a worker (or,
-        worse, accept and train nothing) fails here, before anything starts."""
+        worse, accept and train nothing) fails here, before anything starts.
+        need_shards=False: a stage may lack its shards (a recipe printed, not run)."""
         self.model = self.model.resolved()
         check_plain_name(self.name, "name (--name)")
         if self.workers < 1:
@@ -179,7 +181,7 @@ class PretrainConfig:
             if st.steps <= 0:
                 raise ConfigError(f"{key}.steps: expected a positive step count, got {st.steps}")
             _in_range(f"{key}.lr", st.lr, "> 0", st.lr > 0)
-            if not st.shards:
+            if need_shards and not st.shards:
                 raise ConfigError(f"{key}.shards: expected a shard directory (made by `wr-train preprocess`)")
             grad_accum(st, self.workers)  # raises on inconsistent batch sizes
             if not 0 <= st.warmup < 1 or not 0 < st.decay <= 1:
@@ -343,19 +345,28 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> PretrainC
     return cfg
 
 
+# Short keys for a one-stage recipe's stage settings: `lr=1e-3` is `stages.0.lr=1e-3`.
+STAGE_ALIASES = ("lr", "steps", "warmup", "decay", "global_batch", "micro_batch")
+
+
 def apply_override(cfg: Any, item: str) -> None:
     """Apply one `dotted.key=value`, the value coerced to the field's type as a recipe's
-    is (a string field takes the text as typed: `name=007` stays "007")."""
+    is (a string field takes the text as typed: `name=007` stays "007"). On a one-stage
+    PretrainConfig a STAGE_ALIASES key stands for its `stages.0.` key; an unknown key's
+    error names the keys it may have meant."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value")
     key, raw = item.split("=", 1)
     where = f"override {key}"
+    if isinstance(cfg, PretrainConfig) and key in STAGE_ALIASES and len(cfg.stages) == 1:
+        key = f"stages.0.{key}"
+    hint = _did_you_mean(cfg, key)
     target, parts = cfg, key.split(".")
     for part in parts[:-1]:
-        target = _child(target, part, where)
+        target = _child(target, part, where, hint)
     last = parts[-1]
     if not dataclasses.is_dataclass(target) or last not in {f.name for f in dataclasses.fields(target)}:
-        raise ConfigError(f"{where}: unknown key {last!r}")
+        raise ConfigError(f"{where}: unknown key {last!r}{hint}")
     hint = _field_types(type(target))[last]
     if dataclasses.is_dataclass(getattr(target, last)) or isinstance(getattr(target, last), list):
         raise ConfigError(f"{where}: a group of settings, not one; set one of its keys "
@@ -370,7 +381,7 @@ def apply_override(cfg: Any, item: str) -> None:
     setattr(target, last, coerce(value, hint, where))
 
 
-def _child(target: Any, part: str, where: str) -> Any:
+def _child(target: Any, part: str, where: str, hint: str = "") -> Any:
     """One step down a dotted key: a stage by its number, or a group by its name."""
     if isinstance(target, list):
         if not part.isdigit() or int(part) >= len(target):
@@ -378,11 +389,42 @@ def _child(target: Any, part: str, where: str) -> Any:
                               f"stage(s), stages.0 to stages.{len(target) - 1}")
         return target[int(part)]
     if not dataclasses.is_dataclass(target) or not hasattr(target, part):
-        raise ConfigError(f"{where}: unknown key {part!r}")
+        raise ConfigError(f"{where}: unknown key {part!r}{hint}")
     child = getattr(target, part)
     if not (dataclasses.is_dataclass(child) or isinstance(child, list)):
         raise ConfigError(f"{where}: {part} is a single setting, it has no sub-keys")
     return child
+
+
+def _leaf_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Every dotted key an override can set on `cfg` (stages by number)."""
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                keys += _leaf_keys(item, f"{prefix}{f.name}.{i}.")
+        elif dataclasses.is_dataclass(value):
+            keys += _leaf_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _did_you_mean(cfg: Any, key: str) -> str:
+    """"" for a key an override can set, else "; did you mean …?" naming the keys that end
+    in the same name (every stage's, for a stage key) or, failing those, look alike."""
+    if not dataclasses.is_dataclass(cfg):
+        return ""
+    keys = _leaf_keys(cfg)
+    if key in keys:
+        return ""
+    name = key.rsplit(".", 1)[-1]
+    found = ([k for k in keys if k.rsplit(".", 1)[-1] == name]
+             or difflib.get_close_matches(key, keys, n=2, cutoff=0.8))
+    if not found:
+        return ""
+    return f"; did you mean {', '.join(found[:-1]) + ' or ' if len(found) > 1 else ''}{found[-1]}?"
 
 
 def _first_key(group: Any) -> str:

@@ -1,6 +1,7 @@
 """Corpus -> packed Parquet shards, on Ray Data.
 
-read (byte-range chunks of local or s3:// text files) -> clean -> encode (spm) -> pack,
+read (chunks of local or s3:// corpus files: byte ranges of text and JSON lines, a whole
+gzip file, runs of Parquet row groups; wr_train.text) -> clean -> encode (spm) -> pack,
 all inside Ray Data function tasks, one chunk per task; the driver streams the packed
 rows back *in chunk order* and writes fixed-size Parquet shards, so `row_id` is dense
 (0..rows-1), global and the same on every run. `manifest.json` is written last: a shard
@@ -8,7 +9,8 @@ directory without it is incomplete and every later stage refuses it; a failed or
 deletes what it wrote. The tasks are plain function tasks of one CPU each (no actor pool),
 so on 2 CPUs nothing can starve the read (the deadlock in NOTES.md). Memory does not grow
 with the corpus: a task holds one chunk, the driver one chunk's rows plus less than a
-Parquet row group (ShardWriter), Ray Data keeps a bounded number of chunks in flight.
+Parquet row group (ShardWriter), Ray Data keeps a bounded number of chunks in flight (a
+gzip file's task packs and hands over one piece of its text at a time).
 The driver forwards its S3 settings (endpoint, region, profile: wr_train.s3.settings_env)
 to the tasks, so a Ray started before they were set still reads and writes the same S3
 endpoint; never its keys, which the tasks get as the driver does (env, profile, role).
@@ -30,6 +32,7 @@ import os
 import time
 import uuid
 from dataclasses import asdict
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -40,15 +43,15 @@ from wr_train.local_ray import ensure_ray, quiet_ray_data, root_cause_line
 from wr_train.packing import heldout_pieces, pack_flat
 from wr_train.shards import (EVAL_DIR, MANIFEST, ROWS_PER_SHARD, SPM, TOKEN_COUNTS, CorpusError,
                              Manifest, ShardWriter, id_column, rows_of)
-from wr_train.text import (CHUNK_BYTES, check_text_file, clean_documents, list_sources,
-                           plan_chunks, read_chunk)
+from wr_train.text import (CHUNK_BYTES, TEXT_FIELD, Source, check_source, chunk_documents,
+                           list_sources, plan_chunks)
 from wr_train.tokenizer import NUM_SPECIAL, check_spm_dir, file_sha256, load_spm
 
 TASKS_PER_CPU = 1              # tasks in flight per CPU (more only costs memory: with
                                # outputs handed over at once, a CPU idles < 0.05 s per task)
-STAT_KEYS = ("lines", "documents", "undecodable_lines", "empty_lines", "split_long_lines",
-             "text_tokens", "non_pad_tokens", "eval_documents", "eval_text_tokens",
-             "eval_non_pad_tokens")
+STAT_KEYS = ("lines", "documents", "undecodable_lines", "empty_lines", "missing_field",
+             "split_long_lines", "text_tokens", "non_pad_tokens", "eval_documents",
+             "eval_text_tokens", "eval_non_pad_tokens")
 HELDOUT = 0.01                 # share of documents held out as evaluation rows
 
 
@@ -69,12 +72,22 @@ def encode_texts(sp, texts: list[str], num_threads: int = 1) -> tuple[np.ndarray
         return flat, lens
 
 
-def chunk_rows(sp, path: str, start: int, end: int, seq_length: int, packing: str,
-               num_threads: int = 1, heldout: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict]:
-    """One chunk, read -> clean -> encode -> pack: (train rows, held-out rows, counts by
-    STAT_KEYS). A `heldout` share of the documents is packed apart as evaluation rows."""
+def chunk_rows(sp, chunk: dict, seq_length: int, packing: str, num_threads: int = 1,
+               heldout: float = 0.0) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:
+    """One chunk (text.plan_chunks), read -> clean -> encode -> pack: (train rows, held-out
+    rows, counts by STAT_KEYS) per piece of it (text.chunk_documents: one, or a gzip
+    file's pieces). A `heldout` share of the documents is packed apart as evaluation rows."""
     stats = dict.fromkeys(STAT_KEYS, 0)
-    texts, ends = clean_documents(read_chunk(path, start, end), stats, bom=start == 0)
+    for texts, ends in chunk_documents(chunk, stats):
+        yield pack_documents(sp, texts, ends, stats, seq_length, packing, num_threads, heldout)
+        stats = dict.fromkeys(STAT_KEYS, 0)
+
+
+def pack_documents(sp, texts: list[str], ends: list[bool], stats: dict, seq_length: int,
+                   packing: str, num_threads: int = 1, heldout: float = 0.0
+                   ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Cleaned documents (text.clean_texts) -> encode -> pack; `stats` (the cleaning's
+    counts) gets the packing's."""
     flat, lens = encode_texts(sp, texts, num_threads)
     ends = np.asarray(ends, dtype=bool)
     held = heldout_pieces(texts, ends, heldout)
@@ -106,18 +119,24 @@ def _processor(model_proto: bytes):
 
 
 def encode_and_pack(batch: dict, model_proto: bytes, seq_length: int, packing: str,
-                    heldout: float = 0.0, env: dict | None = None) -> pa.Table:
-    """Ray Data task body: one chunk in, its packed rows (+ the chunk's counts) out, as an
-    Arrow table whose `input_ids` is already the FixedSizeList column the shards store
-    (no tensor-extension round trip on either side). The counts ride on the first row; a
-    chunk without rows sends one dummy row (real=False); held-out rows come after the
-    chunk's train rows, marked heldout=True."""
+                    heldout: float = 0.0, env: dict | None = None) -> Iterator[pa.Table]:
+    """Ray Data task body: one chunk in, its packed rows (+ the counts) out, as Arrow tables
+    (one per piece of the chunk) whose `input_ids` is already the FixedSizeList column the
+    shards store (no tensor-extension round trip on either side). The counts ride on the
+    first row; a piece without rows sends one dummy row (real=False); held-out rows come
+    after the piece's train rows, marked heldout=True."""
     for key, value in (env or {}).items():  # the driver's S3 endpoint/region/profile
         if os.environ.get(key) != value:
             os.environ[key] = value
     sp = _processor(model_proto)
-    path, start, end = str(batch["path"][0]), int(batch["start"][0]), int(batch["end"][0])
-    rows, eval_rows, stats = chunk_rows(sp, path, start, end, seq_length, packing, heldout=heldout)
+    chunk = {k: batch[k][0].item() if hasattr(batch[k][0], "item") else batch[k][0]
+             for k in ("chunk", "path", "format", "field", "start", "end", "step")}
+    for rows, eval_rows, stats in chunk_rows(sp, chunk, seq_length, packing, heldout=heldout):
+        yield _rows_table(rows, eval_rows, stats, chunk["chunk"], seq_length)
+
+
+def _rows_table(rows: np.ndarray, eval_rows: np.ndarray, stats: dict, chunk: int,
+                seq_length: int) -> pa.Table:
     held = np.repeat([False, True], [len(rows), len(eval_rows)])
     rows = np.concatenate([rows, eval_rows]) if len(eval_rows) else rows
     n = len(rows)
@@ -125,7 +144,7 @@ def encode_and_pack(batch: dict, model_proto: bytes, seq_length: int, packing: s
     if not real:
         rows, n, held = np.zeros((1, seq_length), dtype=np.int32), 1, np.zeros(1, dtype=bool)
     columns = {"input_ids": id_column(rows),
-               "chunk": np.full(n, int(batch["chunk"][0]), dtype=np.int64),
+               "chunk": np.full(n, chunk, dtype=np.int64),
                "real": np.full(n, real), "heldout": held}
     for k in STAT_KEYS:
         col = np.zeros(n, dtype=np.int64)
@@ -170,10 +189,12 @@ def unigram_floor(counts: np.ndarray) -> dict:
 
 def preprocess(corpus: list[str], spm_dir: str, out: str, seq_length: int = 128,
                packing: str = "full", rows_per_shard: int = ROWS_PER_SHARD,
-               chunk_bytes: int = CHUNK_BYTES, heldout: float = HELDOUT, log=print) -> dict:
+               chunk_bytes: int = CHUNK_BYTES, heldout: float = HELDOUT, log=print,
+               text_field: str = TEXT_FIELD, text_column: str = TEXT_FIELD) -> dict:
     """Encode and pack the corpus into OUT/part-*.parquet (+ the held-out documents'
     rows in OUT/eval/) + OUT/spm.model + OUT/token_counts.npy + OUT/manifest.json
-    (written last); returns the manifest. Starts a local Ray unless one is running (then
+    (written last); returns the manifest. `text_field` / `text_column`: where jsonl
+    records / Parquet rows hold their text. Starts a local Ray unless one is running (then
     uses it: the tasks go wherever it has CPUs)."""
     t0 = time.time()
     _check_settings(seq_length, packing, heldout)
@@ -183,14 +204,14 @@ def preprocess(corpus: list[str], spm_dir: str, out: str, seq_length: int = 128,
     sp = load_spm(spm_dir)
     with open(spm_model, "rb") as f:
         model_proto = f.read()
-    sources = _text_sources(corpus)
+    sources = _corpus_sources(corpus, text_field, text_column)
     final, staging = _prepare_output(out)
     chunks = plan_chunks(sources, chunk_bytes)
-    log(f"preprocess: {len(sources)} file(s), {sum(s for _, s in sources) / 1e6:.1f} MB in "
+    log(f"preprocess: {len(sources)} file(s), {sum(s.bytes for s in sources) / 1e6:.1f} MB in "
         f"{len(chunks)} chunk(s) -> seq {seq_length}, packing {packing}, into {final}")
     m = Manifest(seq_length=seq_length, packing=packing, vocab_size=sp.get_piece_size(),
                  spm_sha256=file_sha256(spm_model), chunks=len(chunks), heldout=heldout,
-                 sources=[{"path": p, "bytes": s} for p, s in sources])
+                 sources=[s.manifest_entry() for s in sources])
     writer = ShardWriter(staging, seq_length, rows_per_shard)
     eval_writer = ShardWriter(storage.join(staging, EVAL_DIR), seq_length, rows_per_shard)
     try:
@@ -199,7 +220,8 @@ def preprocess(corpus: list[str], spm_dir: str, out: str, seq_length: int = 128,
         if not writer.files:
             raise CorpusError(f"--corpus {' '.join(corpus)}: empty corpus (no text lines after "
                               f"cleaning: {totals['empty_lines']} empty, "
-                              f"{totals['undecodable_lines']} undecodable)")
+                              f"{totals['undecodable_lines']} undecodable, "
+                              f"{totals['missing_field']} without the text field)")
         _fill_manifest(m, writer, eval_writer, totals, counts)
         storage.write_bytes(storage.join(staging, TOKEN_COUNTS), _npy_bytes(counts))
         m.seconds = round(time.time() - t0, 2)
@@ -234,13 +256,14 @@ def _check_settings(seq_length: int, packing: str, heldout: float) -> None:
         raise CorpusError(f"--heldout {heldout}: expected a share of documents in [0, 0.5)")
 
 
-def _text_sources(corpus: list[str]) -> list[tuple[str, int]]:
-    """(path, size) of the corpus's files, each checked to be UTF-8 text; refuses 0 bytes."""
+def _corpus_sources(corpus: list[str], text_field: str, text_column: str) -> list[Source]:
+    """The corpus's files, each checked to be readable in its format; refuses 0 bytes."""
     # absolute: the Ray Data tasks read them in other working directories
     sources = list_sources([storage.absolute(c) for c in corpus])
     with cf.ThreadPoolExecutor(max_workers=8) as pool:  # S3: one GET each, in parallel
-        list(pool.map(check_text_file, [p for p, s in sources if s > 0]))
-    if sum(s for _, s in sources) == 0:
+        sources = list(pool.map(lambda s: check_source(s, text_field, text_column)
+                                if s.bytes > 0 else s, sources))
+    if sum(s.bytes for s in sources) == 0:
         raise CorpusError(f"--corpus {' '.join(corpus)}: empty corpus (0 bytes), expected "
                           f"UTF-8 text, one document per line")
     return sources
@@ -275,13 +298,13 @@ def _write_rows(ds, writer: ShardWriter, eval_writer: ShardWriter, vocab_size: i
     (by STAT_KEYS) summed and the train rows' token counts (for the unigram floor)."""
     totals = dict.fromkeys(STAT_KEYS, 0)
     counts = np.zeros(vocab_size, dtype=np.int64)
-    last_log, done = time.time(), 0
+    last_log, done = time.time(), set()
     # prefetch_batches=0: a prefetching iterator holds a finished chunk back until the
     # next one is ready, which left the driver's writing to pile up after the last task.
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         for k in STAT_KEYS:
             totals[k] += int(pc.sum(batch.column(k)).as_py())
-        done += len(pc.unique(batch.column("chunk")))
+        done.update(pc.unique(batch.column("chunk")).to_pylist())  # a gzip chunk: several batches
         real = batch.column("real")
         if not pc.all(real).as_py():
             batch = batch.filter(real)
@@ -294,7 +317,7 @@ def _write_rows(ds, writer: ShardWriter, eval_writer: ShardWriter, vocab_size: i
         writer.add(rows)
         if time.time() - last_log > 10:
             last_log = time.time()
-            log(f"preprocess: {done}/{n_chunks} chunks, {writer.rows + writer.pending_rows:,} "
+            log(f"preprocess: {len(done)}/{n_chunks} chunks, {writer.rows + writer.pending_rows:,} "
                 f"rows, {totals['text_tokens'] / (time.time() - t0):,.0f} tok/s")
     writer.close()
     eval_writer.close()
@@ -310,7 +333,7 @@ def _fill_manifest(m: Manifest, writer: ShardWriter, eval_writer: ShardWriter, t
     m.documents, m.lines, m.split_long_lines = (totals["documents"], totals["lines"],
                                                 totals["split_long_lines"])
     m.skipped = {"undecodable_lines": totals["undecodable_lines"],
-                 "empty_lines": totals["empty_lines"]}
+                 "empty_lines": totals["empty_lines"], "missing_field": totals["missing_field"]}
     m.eval = {"rows": eval_writer.rows, "documents": totals["eval_documents"],
               "text_tokens": totals["eval_text_tokens"],
               "non_pad_tokens": totals["eval_non_pad_tokens"],

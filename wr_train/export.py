@@ -2,7 +2,9 @@
 
 The exported directory loads offline as the published UER word-based model cards show:
     pipeline('fill-mask', model=DIR)("[MASK]的首都是北京。")
-    AlbertTokenizer.from_pretrained(DIR) + BertModel.from_pretrained(DIR)
+    AutoTokenizer.from_pretrained(DIR) + BertModel.from_pretrained(DIR)
+and is ready for `huggingface-cli upload`: its README.md carries the Hub's front matter
+(language, license, library, pipeline tag, datasets, tags, a fill-mask widget).
 """
 from __future__ import annotations
 
@@ -13,17 +15,23 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
 from wr_train import storage
 from wr_train.checkpoint import CheckpointError, fp32_weights, read_history, verify_complete
 from wr_train.config import ModelConfig, from_dict
 from wr_train.hf import ExportError, check_hf_dir, quiet_transformers
+from wr_train.storage import is_s3
+from wr_train.text import FORMATS
 from wr_train.tokenizer import load_spm, save_hf_tokenizer
 
 
 # The exported config's dropout: what fine-tuning starts from (BERT's and UER's 0.1),
 # whatever the pretraining recipe used (short CPU recipes pretrain without dropout).
 FINETUNE_DROPOUT = 0.1
+LICENSE = "apache-2.0"                 # the card's license unless `wr-train export --license`
+WIDGET = "最近一趟去北京的[MASK]几点发车"   # the card's fill-mask example unless `--widget`
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # what AutoTokenizer loads (tokenizer.save_hf_tokenizer)
 
 
 def save_hf_model(mlm, spm_model: str, out_dir: str, card: str | None = None) -> Path:
@@ -31,7 +39,7 @@ def save_hf_model(mlm, spm_model: str, out_dir: str, card: str | None = None) ->
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mlm.config.architectures = ["BertForMaskedLM"]
-    mlm.config.tokenizer_class = "AlbertTokenizer"
+    mlm.config.tokenizer_class = TOKENIZER_CLASS  # as tokenizer_config.json says
     mlm.save_pretrained(str(out), safe_serialization=True)
     save_hf_tokenizer(spm_model, str(out))
     if card:
@@ -54,8 +62,15 @@ def load_checkpoint_weights(ckpt_local: str, state: dict):
     return mlm.eval(), cfg
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, log=print) -> Path:
-    """Export a complete checkpoint (local dir or s3://) to a HuggingFace directory."""
+def export_checkpoint(checkpoint: str, out_dir: str, log=print, license: str | None = None,
+                      widget: str | None = None) -> Path:
+    """Export a complete checkpoint (local dir or s3://) to a HuggingFace directory; the
+    model card names `license` (a Hub license id, default LICENSE) and shows `widget` (a
+    sentence with [MASK], default WIDGET) in its fill-mask widget."""
+    license = LICENSE if license is None else license
+    widget = WIDGET if widget is None else widget
+    if "[MASK]" not in widget:
+        raise ExportError(f"--widget {widget!r}: expected a [MASK] in it")
     try:
         state = verify_complete(checkpoint)
     except storage.StorageError as e:
@@ -73,10 +88,12 @@ def export_checkpoint(checkpoint: str, out_dir: str, log=print) -> Path:
         mlm.config.hidden_dropout_prob = mlm.config.attention_probs_dropout_prob = FINETUNE_DROPOUT
         save_hf_model(mlm, os.path.join(local, "spm.model"), str(out))
         plot = _loss_plot(history, out / "loss.png")
-        (out / "README.md").write_text(model_card(cfg, state, manifests, history, plot), encoding="utf-8")
+        card = model_card(cfg, state, manifests, history, plot, name=out.resolve().name,
+                          license=license, widget=widget)
+        (out / "README.md").write_text(card, encoding="utf-8")
+        kept = {k: state[k] for k in ("step", "stage", "stage_name", "stage_step", "world_size")}
         (out / "training_state.json").write_text(json.dumps(
-            {k: state[k] for k in ("step", "stage", "stage_name", "stage_step", "world_size", "config")},
-            indent=1))
+            {**kept, "config": _without_local_paths(state["config"])}, indent=1, ensure_ascii=False))
     log(f"export: {checkpoint} (step {state['step']}) -> {out}")
     return out
 
@@ -107,25 +124,75 @@ def _loss_plot(history: list[dict], path: Path) -> str | None:
     return path.name
 
 
-def model_card(cfg, state: dict, manifests: dict, history: list[dict], plot: str | None) -> str:
+def _without_local_paths(config: dict) -> dict:
+    """The resolved config with each local path (run storage, stage shards, a DeepSpeed
+    JSON file) cut to its last component: this machine's folders are not the model's
+    business. s3:// URIs stay."""
+    def cut(path: str) -> str:
+        return path if not path or is_s3(path) else os.path.basename(os.path.normpath(path))
+    out = json.loads(json.dumps(config))
+    for key in ("storage", "ds_config"):
+        if isinstance(out.get(key), str) and (os.sep in out[key] or os.path.isabs(out[key])):
+            out[key] = cut(out[key])
+    for stage in out.get("stages") or []:
+        if isinstance(stage.get("shards"), str):
+            stage["shards"] = cut(stage["shards"])
+    return out
+
+
+def source_names(manifests: dict) -> list[str]:
+    """The corpus files' names (no folder, no format ending) of every stage's shards, in
+    order, once each: the card's `datasets`."""
+    names: list[str] = []
+    for man in manifests.values():
+        for src in man.get("sources", []):
+            name = src["path"].rstrip("/").rsplit("/", 1)[-1]
+            for ending in (*FORMATS, ".gz"):
+                if name.lower().endswith(ending):
+                    name = name[:-len(ending)]
+                    break
+            if name and name not in names:
+                names.append(name)
+    return names
+
+
+def front_matter(manifests: dict, license: str, widget: str) -> str:
+    """The Hub's metadata block of the card (https://huggingface.co/docs/hub/model-cards)."""
+    meta = {"language": "zh", "license": license, "library_name": "transformers",
+            "pipeline_tag": "fill-mask"}
+    datasets = source_names(manifests)
+    if datasets:
+        meta["datasets"] = datasets
+    meta["tags"] = ["bert", "roberta", "word-based", "chinese", "wr-train"]
+    meta["widget"] = [{"text": widget}]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---"
+
+
+def model_card(cfg, state: dict, manifests: dict, history: list[dict], plot: str | None,
+               name: str = "MODEL_DIR", license: str = LICENSE, widget: str = WIDGET) -> str:
+    """The exported directory's README.md; `name`: the directory's name, as the card's
+    code loads it."""
     m = cfg.model.resolved()
     lines = [
-        "---", "language: zh", "tags: [roberta, word-based, wr-train]", "---", "",
+        front_matter(manifests, license, widget), "",
         f"# Chinese word-based RoBERTa — {m.size} (L{m.layers}/H{m.hidden})", "",
         "Pretrained with wr-train (Ray Train + DeepSpeed ZeRO) with a sentencepiece word segmenter.", "",
         "## How to use", "",
         "```python",
-        "from transformers import pipeline, AlbertTokenizer, BertModel",
-        "unmasker = pipeline('fill-mask', model='THIS_DIR')",
-        "unmasker('[MASK]的首都是北京。')",
-        "tokenizer = AlbertTokenizer.from_pretrained('THIS_DIR')  # as the UER model cards do",
-        "model = BertModel.from_pretrained('THIS_DIR')",
+        "from transformers import pipeline, AutoTokenizer, BertModel",
+        f"unmasker = pipeline('fill-mask', model='{name}')",
+        f"unmasker('{widget}')",
+        f"tokenizer = AutoTokenizer.from_pretrained('{name}')",
+        f"model = BertModel.from_pretrained('{name}')",
         "output = model(**tokenizer('用你喜欢的任何文本替换我。', return_tensors='pt'))",
         "```", "",
-        "`AutoTokenizer.from_pretrained('THIS_DIR')` gives ids equal to the sentencepiece ids the "
+        f"`'{name}'` is this folder; once uploaded (`huggingface-cli upload USER/{name} {name}`) "
+        f"use its Hub id, `USER/{name}`.",
+        f"`AutoTokenizer` loads a `{TOKENIZER_CLASS}` whose ids equal the sentencepiece ids the "
         "model was trained on for any text (up to segmentations that tie in score, which the two "
-        "libraries break differently); `AlbertTokenizer` (transformers' own pipeline) agrees "
-        "on text without spaces and drops the spaces otherwise.", "",
+        "libraries break differently). `AlbertTokenizer`, as the UER model cards use, loads the "
+        "folder too, with transformers' own ALBERT pipeline: the same ids on text without "
+        "spaces, but it drops the spaces otherwise.", "",
         "## Training", "",
         f"| | |", "|---|---|",
         f"| layers / hidden / heads / FFN | {m.layers} / {m.hidden} / {m.heads} / {m.ffn} |",
@@ -148,9 +215,13 @@ def model_card(cfg, state: dict, manifests: dict, history: list[dict], plot: str
         lines.append(f"| held-out eval loss | {e['eval_loss']:.4f}{floor} |")
         lines.append(f"| held-out eval accuracy | {e['eval_acc']:.1%}{acc_floor} |")
     lines += ["", "## Corpus", "", "| stage | rows | seq | non-pad tokens | documents | pad |", "|---|---|---|---|---|---|"]
-    for name, man in manifests.items():
-        lines.append(f"| {name} | {man['rows']:,} | {man['seq_length']} | {man['non_pad_tokens']:,} | "
+    for stage, man in manifests.items():
+        lines.append(f"| {stage} | {man['rows']:,} | {man['seq_length']} | {man['non_pad_tokens']:,} | "
                      f"{man['documents']:,} | {man['pad_fraction']:.2%} |")
+    sources = [f"{src['path'].rstrip('/').rsplit('/', 1)[-1]} ({src.get('format', 'txt')})"
+               for man in manifests.values() for src in man.get("sources", [])]
+    if sources:
+        lines += ["", f"Sources: {', '.join(dict.fromkeys(sources))}."]
     if plot:
         lines += ["", "## Loss", "", "Train loss per report; held-out eval loss at each checkpoint; the "
                   "unigram floor is the loss of predicting every masked token from its frequency alone.",

@@ -367,8 +367,10 @@ def default_result_path(model_dir: str, task_name: str) -> str:
 
 
 def finetune_main(model: str, task_name: str, data_dir: str, out: str | None = None,
-                  overrides=(), log=print) -> dict:
-    """`wr-train finetune`: check inputs, run, print per-epoch progress, write the JSON."""
+                  overrides=(), log=print, save_dir: str | None = None) -> dict:
+    """`wr-train finetune`: check inputs, run, print per-epoch progress, write the JSON
+    (to `out`, default MODEL/finetune/TASK.json); `save_dir`: keep the fine-tuned model
+    (the best-dev epoch's, whose test score the JSON gives) there as an HF directory."""
     from wr_train import storage
     from wr_train.tasks import load_task
     cfg = config_from_overrides(overrides)
@@ -377,8 +379,10 @@ def finetune_main(model: str, task_name: str, data_dir: str, out: str | None = N
     path = out or default_result_path(model, task.name)
     log(f"finetune: {task.summary()}; epochs {cfg.epochs}, batch {cfg.batch_size}, lr {cfg.lr:g}, "
         f"seq {cfg.seq_length}")
-    result = finetune(model, task, cfg, log=log)
+    result = finetune(model, task, cfg, log=log, save_dir=save_dir)
     storage.write_text(path, json.dumps(result, indent=1, ensure_ascii=False))
+    if save_dir:
+        log(f"finetune {task.name}: the model of epoch {result['best_epoch']} is in {save_dir}")
     test = (f", test acc {100 * result['test_acc']:.2f} F1 {100 * result['test_f1']:.2f}"
             if result["test_acc"] is not None else " (test unlabelled)")
     log(f"finetune {task.name}: best dev acc {100 * result['dev_acc']:.2f} F1 {100 * result['dev_f1']:.2f} "

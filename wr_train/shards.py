@@ -60,12 +60,12 @@ class Manifest:
     text_tokens: int = 0          # ids of the encoded documents alone
     pad_fraction: float = 0.0
     documents: int = 0
-    lines: int = 0                # non-empty decoded lines
+    lines: int = 0                # non-empty decoded lines (jsonl/Parquet: records)
     skipped: dict = field(default_factory=dict)   # why -> count
     split_long_lines: int = 0
     vocab_size: int = 0
     spm_sha256: str = ""
-    sources: list = field(default_factory=list)   # [{path, bytes}]
+    sources: list = field(default_factory=list)   # [{path, bytes, format, field (jsonl/parquet)}]
     files: dict = field(default_factory=dict)     # part file -> {rows, first_row_id, row_groups, size}
     chunks: int = 0
     seconds: float = 0.0

@@ -60,35 +60,33 @@ class SpmReport:
     seconds: float
 
 
-def iter_corpus_lines(paths: Iterable[str]) -> Iterator[str]:
-    """Non-empty lines of local text files (undecodable bytes replaced)."""
-    for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    yield line
+def iter_corpus_lines(paths: Iterable[str], text_field: str = "text",
+                      text_column: str = "text") -> Iterator[str]:
+    """The documents of the corpus files named by paths, dirs or globs (any format
+    wr_train.text reads, local or s3://), non-empty and stripped, as preprocess reads them."""
+    from wr_train.text import read_documents  # here: it brings pyarrow, which the id constants' users do not need
+    yield from read_documents(corpus_sources(list(paths), text_field, text_column))
 
 
-def expand_local_paths(patterns: Iterable[str]) -> list[str]:
-    """Files named by paths, directories (all *.txt inside, recursively) or globs."""
-    import glob
-    files: list[str] = []
-    for pat in patterns:
-        if os.path.isdir(pat):
-            found = sorted(str(p) for p in Path(pat).rglob("*.txt"))
-        else:
-            found = sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else ([pat] if os.path.isfile(pat) else [])
-        if not found:
-            raise TokenizerError(f"--corpus {pat}: no such file, or no *.txt files in it")
-        files.extend(found)
-    return files
+def corpus_sources(corpus: list[str], text_field: str = "text", text_column: str = "text") -> list:
+    """The corpus's files (wr_train.text.Source), each checked to be readable in its
+    format: a binary or GBK file would otherwise train a vocab of U+FFFD."""
+    from wr_train.shards import CorpusError
+    from wr_train.text import check_source, list_sources
+    try:
+        return [check_source(s, text_field, text_column) if s.bytes > 0 else s
+                for s in list_sources(list(corpus))]
+    except CorpusError as e:
+        raise TokenizerError(str(e)) from None
 
 
 def train_spm(corpus: list[str], out_dir: str, vocab_size: int = 100_000, *,
               char: bool = False, input_sentence_size: int = 2_000_000, seed: int = 0,
-              threads: int | None = None, log=print) -> SpmReport:
-    """Train the segmenter on local text files; write spm.model, spm.vocab, meta.json.
+              threads: int | None = None, log=print, text_field: str = "text",
+              text_column: str = "text") -> SpmReport:
+    """Train the segmenter on a corpus (files, dirs or globs; local or s3://; the formats
+    preprocess reads, jsonl records' text in `text_field`, Parquet's in `text_column`);
+    write spm.model, spm.vocab, meta.json.
 
     char=True builds a character vocabulary (every character one token, same specials),
     for char-based baselines.
@@ -97,11 +95,9 @@ def train_spm(corpus: list[str], out_dir: str, vocab_size: int = 100_000, *,
 
     import sentencepiece as spm
 
-    from wr_train.text import check_text_file  # here: it brings pyarrow, which the id constants' users do not need
+    from wr_train.text import read_documents  # here: it brings pyarrow, which the id constants' users do not need
     t0 = time.time()
-    files = expand_local_paths(corpus)
-    for path in files:  # a binary or GBK file would otherwise train a vocab of U+FFFD
-        check_text_file(path)
+    files = corpus_sources(corpus, text_field, text_column)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise TokenizerError(f"--out {out_dir}: exists and is not a directory")
@@ -111,7 +107,7 @@ def train_spm(corpus: list[str], out_dir: str, vocab_size: int = 100_000, *,
     with tempfile.TemporaryDirectory() as tmp:
         sent_file = os.path.join(tmp, "sentences.txt")
         with open(sent_file, "w", encoding="utf-8") as f:
-            for line in iter_corpus_lines(files):
+            for line in read_documents(files):
                 digest.update(line.encode("utf-8"))
                 for sent in split_sentences(line):
                     if len(sent.encode("utf-8")) > MAX_SENTENCE_BYTES:
