@@ -327,7 +327,7 @@ def measure_hf(size, vocab, batches, steps, warmup, device) -> dict:
 
     import torch
 
-    from wr_train.engine import param_groups
+    from wr_train.optim import param_groups
     from wr_train.tokenizer import PAD
     t0 = time.perf_counter()
     base_mem = _memory_start(device)

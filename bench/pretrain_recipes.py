@@ -49,7 +49,8 @@ def plain_point(shards: str, overrides: list[str], name: str, threads: int = 1) 
     import torch
 
     from wr_train.config import grad_accum, load_config
-    from wr_train.engine import eval_set, lr_schedule, param_groups
+    from wr_train.engine import eval_set
+    from wr_train.optim import param_groups, stage_schedule as lr_schedule
     from wr_train.model import SparseMLM, fresh_mlm
     from wr_train.shards import load_manifest
     from wr_train.stream import RowStream, masked_batches

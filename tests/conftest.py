@@ -28,6 +28,23 @@ def segmentation_tie(sp, ids: list[int], ref: list[int], text: str) -> bool:
     return True
 
 
+def sample_lines(paths: list[str], k: int, seed: int = 0) -> list[str]:
+    """Reservoir sample of k non-empty lines of a corpus."""
+    import random
+
+    from wr_train.tokenizer import iter_corpus_lines
+    rng = random.Random(seed)
+    out: list[str] = []
+    for i, line in enumerate(iter_corpus_lines(paths)):
+        if i < k:
+            out.append(line)
+        else:
+            j = rng.randint(0, i)
+            if j < k:
+                out[j] = line
+    return out
+
+
 def load_bench(name: str):
     """A bench/ script as a module (bench/ is scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
@@ -120,3 +137,24 @@ def pretrained_run(tmp_path_factory, ray_local, shards128):
     cfg = pretrain_cfg(shards128, storage, "shared")
     last = pretrain.run(cfg)
     return cfg, last
+
+
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """A one-process gloo group, as a Ray Train worker has (DeepSpeed engines and the
+    checkpoint collectives need one) in the test's own process."""
+    import socket
+
+    import torch.distributed as dist
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)  # restored after the test
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

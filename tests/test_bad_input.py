@@ -117,7 +117,8 @@ def tsv_task(directory: Path, train: str) -> str:
 def partial_checkpoint(t: Path) -> str:
     """A checkpoint whose state.json lists a rank file that never arrived."""
     ck = t / "partial-ck"
-    write_json(ck / "state.json", {"step": 10, "files": {"ds/mp_rank_00_model_states.pt": {"size": 100}}})
+    write_json(ck / "state.json", {"step": 10, "stage": 0, "stage_step": 10, "world_size": 1, "config": {},
+                                   "files": {"ds/mp_rank_00_model_states.pt": {"size": 100}}})
     return str(ck)
 
 

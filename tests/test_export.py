@@ -130,7 +130,7 @@ def test_tokenizer_ids_equal_spm_on_real_text(exported, small_corpus):
     from transformers import AlbertTokenizer, AutoTokenizer
     import sentencepiece as spm
 
-    from wr_train.tokenizer import sample_lines
+    from tests.conftest import sample_lines
     sp = spm.SentencePieceProcessor(model_file=str(exported / "spiece.model"))
     tok = AutoTokenizer.from_pretrained(str(exported))      # exact spm ids, spaces included
     albert = AlbertTokenizer.from_pretrained(str(exported))  # the model cards' way

@@ -6,11 +6,9 @@ same calls are visible, which is what the guard checks.) The loop reads once per
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import numpy as np
-import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -66,23 +64,6 @@ def micro_batches(n: int, vocab: int, micro: int = 4, seq: int = 32, seed: int =
                                  vocab_size=vocab, prob=0.15)
         yield MaskedBatch(torch.from_numpy(ids), torch.from_numpy(labels), np.arange(micro),
                           TargetLayout.of(ids, labels))
-
-
-@pytest.fixture
-def one_process_group(monkeypatch):
-    import torch.distributed as dist
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)  # restored after the test
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_train_step_reads_nothing_back_from_the_device(one_process_group):

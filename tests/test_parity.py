@@ -20,7 +20,8 @@ import torch
 
 from wr_train import pretrain
 from wr_train.config import PretrainConfig, StageConfig, to_dict
-from wr_train.engine import build_engine, param_groups, train_step
+from wr_train.engine import build_engine, train_step
+from wr_train.optim import param_groups
 
 pytestmark = pytest.mark.integration
 

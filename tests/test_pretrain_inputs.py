@@ -81,7 +81,7 @@ def test_lr_schedule_is_hf_linear_or_holds_then_decays():
     from transformers import get_linear_schedule_with_warmup
 
     from wr_train.config import StageConfig
-    from wr_train.engine import lr_schedule
+    from wr_train.optim import stage_schedule as lr_schedule
 
     def lrs(make, steps):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from wr_train import storage
+from wr_train.checkpoint import CheckpointError
 from wr_train.pull import pull
 from wr_train.storage import StorageError
 
@@ -180,7 +181,8 @@ def make_checkpoint(base: str, model: bytes = b"weights" * 1000, lie: dict | Non
     manifest = {rel: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                 for rel, data in files.items()}
     manifest.update(lie or {})
-    storage.write_text(storage.join(base, "state.json"), json.dumps({"step": 7, "files": manifest}))
+    storage.write_text(storage.join(base, "state.json"), json.dumps(
+        {"step": 7, "stage": 0, "stage_step": 7, "world_size": 1, "config": {}, "files": manifest}))
     return files
 
 
@@ -220,7 +222,7 @@ def test_pull_refuses_incomplete_checkpoint(s3_root, tmp_path):
     src = storage.join(s3_root, "ckpt")
     make_checkpoint(src, lie={"optim/rank1.pt": {"size": 4096}})
     dest = tmp_path / "dest"
-    with pytest.raises(StorageError, match=r"incomplete checkpoint: optim/rank1.pt"):
+    with pytest.raises(CheckpointError, match=r"incomplete checkpoint: optim/rank1.pt"):
         pull(src, str(dest), log=lambda msg: None)
     assert not dest.exists() and not (tmp_path / "dest.partial").exists()
 
@@ -228,14 +230,28 @@ def test_pull_refuses_incomplete_checkpoint(s3_root, tmp_path):
 def test_pull_refuses_short_file_and_bad_hash(s3_root, tmp_path):
     src = storage.join(s3_root, "short")
     make_checkpoint(src, lie={"tokenizer.model": {"size": 999}})
-    with pytest.raises(StorageError, match=r"tokenizer.model has 3 bytes, state.json says 999"):
+    with pytest.raises(CheckpointError, match=r"tokenizer.model has 3 bytes, state.json says 999"):
         pull(src, str(tmp_path / "d1"), log=lambda msg: None)
 
     src = storage.join(s3_root, "hash")
     make_checkpoint(src, lie={"tokenizer.model": {"size": 3, "sha256": "0" * 64}})
-    with pytest.raises(StorageError, match=r"tokenizer.model: sha256 .* does not match"):
+    with pytest.raises(CheckpointError, match=r"tokenizer.model: sha256 .* does not match"):
         pull(src, str(tmp_path / "d2"), log=lambda msg: None)
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_pull_refuses_a_folder_that_is_neither_checkpoint_nor_export(tmp_path, s3_root):
+    """Was: exit 0, "pulled 2 files"."""
+    for src in (str(tmp_path / "junk"), storage.join(s3_root, "junk")):
+        storage.write_text(storage.join(src, "a.txt"), "a")
+        storage.write_text(storage.join(src, "b/c.txt"), "c")
+        with pytest.raises(StorageError, match=r"junk: neither a wr-train checkpoint \(no state.json\) "
+                                               r"nor an exported model \(no config.json\)"):
+            pull(src, str(tmp_path / "d"), log=lambda msg: None)
+        assert not (tmp_path / "d").exists()
+    storage.write_text(storage.join(src, "state.json"), "")  # torn
+    with pytest.raises(CheckpointError, match=r"junk/state.json: not valid JSON \(0 bytes: torn or empty"):
+        pull(src, str(tmp_path / "d"), log=lambda msg: None)
 
 
 def test_pull_refuses_empty_or_missing_source(tmp_path, s3_root):

@@ -7,9 +7,9 @@ import unicodedata
 
 import pytest
 
-from tests.conftest import segmentation_tie
+from tests.conftest import sample_lines, segmentation_tie
 from wr_train.tokenizer import (CLS, MASK, NUM_SPECIAL, PAD, SEP, SPECIAL_PIECES, UNK,
-                                TokenizerError, check_spm_dir, load_spm, sample_lines,
+                                TokenizerError, check_spm_dir, load_spm,
                                 save_hf_tokenizer, split_sentences, train_spm)
 
 # Edge cases beside the real lines: spaces of every kind, full-width forms (nmt_nfkc folds

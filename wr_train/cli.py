@@ -10,9 +10,9 @@ EXAMPLES = {
     "spm": "wr-train spm --corpus demo_out/corpus --vocab-size 32000 --out demo_out/spm",
     "preprocess": "wr-train preprocess --corpus demo_out/corpus --spm demo_out/spm --seq-length 128 --out demo_out/shards128",
     "pretrain": "wr-train pretrain --config demo-tiny --shards demo_out/shards128 --storage runs --name tiny1 --steps 300",
-    "export": "wr-train export runs/tiny1/checkpoint_2026-... --out demo_out/hf",
+    "export": "wr-train export runs/tiny1/checkpoint_step_0000300 --out demo_out/hf",
     "import-uer": "wr-train import-uer cluecorpussmall_wordbased_bert_tiny.bin --spm demo_out/spm --size tiny --out hf_uer",
-    "pull": "wr-train pull s3://bucket/runs/tiny1/checkpoint_000002 ./ckpt",
+    "pull": "wr-train pull s3://bucket/runs/tiny1/checkpoint_step_0000300 ./ckpt",
     "fill-mask": 'wr-train fill-mask demo_out/hf "最近一趟去北京的[MASK]几点发车"',
     "finetune": "wr-train finetune --model demo_out/hf --task chnsenticorp --data demo_out/tasks epochs=3 lr=1e-4",
     "demo": "wr-train demo --out demo_out",
@@ -149,6 +149,10 @@ def add_pretrain_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker, NCCL, bf16")
     t.add_argument("--storage", help="run storage: dir or s3://bucket/prefix (run goes to STORAGE/NAME)")
     t.add_argument("--name", help="run name; the same name resumes")
+    t.add_argument("--report-to", dest="report_to", metavar="TRACKERS",
+                   help="where metrics go: a comma list of tensorboard (files in the run folder, the "
+                        "default), mlflow, wandb, or none; MLflow/W&B read MLFLOW_TRACKING_URI / "
+                        "WANDB_PROJECT etc. from the environment (extras: pip install 'wr-train[mlflow]')")
     t.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     t.add_argument("--print-config", action="store_true",
                    help="print the resolved recipe as YAML (a recipe --config takes) and exit; "
@@ -163,7 +167,7 @@ def pretrain_config(args):
     from wr_train.config import ConfigError, apply_override, load_config
     cfg = load_config(args.config, args.overrides)
     for flag, key in (("size", "model.size"), ("workers", "workers"), ("storage", "storage"),
-                      ("name", "name"), ("gpu", "gpu")):
+                      ("name", "name"), ("gpu", "gpu"), ("report_to", "report_to")):
         value = getattr(args, flag)
         if value is not None:
             apply_override(cfg, f"{key}={value}")
@@ -179,6 +183,8 @@ def pretrain_config(args):
 
 
 def pretrain_main(args) -> int:
+    import signal
+
     cfg = pretrain_config(args)
     if args.print_config:
         import yaml
@@ -187,6 +193,9 @@ def pretrain_main(args) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
         return 0
     from wr_train import pretrain
+    # `ray job stop` and schedulers send SIGTERM: leave through the finally blocks (the
+    # run's lease is released, temp copies removed) instead of dying on the spot.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     last = pretrain.run(cfg, verbose=args.verbose)
     print(last)  # the only stdout line: ck=$(wr-train pretrain … 2>log)
     return 0

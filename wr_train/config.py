@@ -139,6 +139,7 @@ class PretrainConfig:
     fail_at_step: int = 0     # fault-injection for tests/drills: rank 0 raises once at this global step
     shuffle_window: int = 16  # row groups (of ~1k rows each) whose rows a worker mixes at a time
     eval_rows: int = 1024     # held-out rows evaluated at every checkpoint (0 = no evaluation)
+    report_to: str = "tensorboard"  # trackers, a comma list of tensorboard, mlflow, wandb (or none)
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -191,6 +192,11 @@ class PretrainConfig:
             raise ConfigError("checkpoint_every/report_every: expected positive step counts")
         if self.shuffle_window < 1:
             raise ConfigError(f"shuffle_window: expected >= 1 row group, got {self.shuffle_window}")
+        from wr_train.tracking import TrackingError, parse_report_to
+        try:
+            parse_report_to(self.report_to, "report_to (--report-to)")
+        except TrackingError as e:
+            raise ConfigError(str(e)) from None
         if self.eval_rows < 0:
             raise ConfigError(f"eval_rows: expected >= 0, got {self.eval_rows}")
         m = self.mask
@@ -437,3 +443,26 @@ def to_dict(cfg: Any) -> dict:
 
 def from_dict(data: dict) -> PretrainConfig:
     return _from_dict(PretrainConfig, data, "")
+
+
+# Settings that shape training: a resumed run must keep them (wr_train.checkpoint refuses a
+# change, naming the key and both values). The data order and masks are pure functions of
+# the top-level keys and mask.*, the saved weights and optimizer states fit only model.*,
+# precision and zero_stage, and each begun stage's schedule is fixed by its batch and lr
+# keys. A begun stage's `steps` may grow (the schedule stretches, said in one line).
+RESUME_TOP = ("seed", "shuffle_window", "precision", "zero_stage", "eval_rows")
+RESUME_GROUPS = ("model", "mask", "optim")
+RESUME_STAGE = ("name", "global_batch", "micro_batch", "lr", "warmup", "decay")
+# The value a checkpoint saved before a key existed stands for (else the key is skipped).
+RESUME_DEFAULTS = {"shuffle_window": 1}
+
+
+def training_settings(config: dict, stages: int) -> dict[str, Any]:
+    """{dotted key: value} of every setting a resume must keep, for the first `stages`
+    stages of a resolved config dict (as `to_dict` writes it into state.json)."""
+    out = {key: config.get(key, RESUME_DEFAULTS.get(key)) for key in RESUME_TOP}
+    for group in RESUME_GROUPS:
+        out.update({f"{group}.{k}": v for k, v in (config.get(group) or {}).items()})
+    for i, stage in enumerate((config.get("stages") or [])[:stages]):
+        out.update({f"stages.{i}.{k}": stage.get(k) for k in RESUME_STAGE})
+    return {k: v for k, v in out.items() if v is not None}

@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 
 from wr_train import s3, storage
 from wr_train.local_ray import ensure_ray, quiet_ray_data, root_cause_line
-from wr_train.packing import heldout_pieces, pack_flat
+from wr_train.packing import check_packing, heldout_pieces, pack_flat
 from wr_train.shards import (EVAL_DIR, MANIFEST, ROWS_PER_SHARD, SPM, TOKEN_COUNTS, CorpusError,
                              Manifest, ShardWriter, id_column, rows_of)
 from wr_train.text import (CHUNK_BYTES, TEXT_FIELD, Source, check_source, chunk_documents,
@@ -250,8 +250,7 @@ def preprocess(corpus: list[str], spm_dir: str, out: str, seq_length: int = 128,
 def _check_settings(seq_length: int, packing: str, heldout: float) -> None:
     if not 8 <= seq_length <= 512:
         raise CorpusError(f"--seq-length {seq_length}: expected 8..512 (BERT positions)")
-    if packing not in ("full", "doc"):
-        raise CorpusError(f"--packing {packing}: expected 'full' or 'doc'")
+    check_packing(packing)
     if not 0 <= heldout < 0.5:
         raise CorpusError(f"--heldout {heldout}: expected a share of documents in [0, 0.5)")
 

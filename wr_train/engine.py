@@ -1,7 +1,7 @@
 """The DeepSpeed engine a worker trains, and what runs on it.
 
 `build_engine`: `deepspeed.initialize` on the sparse-head model with the recipe's DeepSpeed
-config (wr_train.ds_config), AdamW parameter groups and schedule (`lr_schedule`).
+config (wr_train.ds_config), AdamW parameter groups and schedule (wr_train.optim).
 `train_step`: one optimizer step over the micro-batches of gradient accumulation; loss and
 correct predictions stay summed on the device, so a step never waits for it.
 `eval_set` / `evaluate` / `eval_line`: the fixed held-out targets, their loss and accuracy
@@ -11,49 +11,22 @@ from __future__ import annotations
 
 from wr_train.config import PretrainConfig, StageConfig
 from wr_train.ds_config import build_ds_config
+from wr_train.optim import param_groups, stage_schedule
 
 EVAL_MASK_SEED = 20_251_201  # one seed for every run: evaluations of all runs share targets
 EVAL_MASK_PROB = 0.15        # BERT's token masking, whatever a recipe trains with: comparable runs
 
 
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases and LayerNorm weights."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def build_engine(cfg: PretrainConfig, stage: StageConfig, world: int, mlm):
     """deepspeed.initialize on the sparse-head model with the recipe's DeepSpeed config and
-    its schedule (lr_schedule)."""
+    its schedule (optim.stage_schedule)."""
     import deepspeed
 
     from wr_train.model import SparseMLM
     engine, _, _, _ = deepspeed.initialize(
         model=SparseMLM(mlm), model_parameters=param_groups(mlm, cfg.optim.weight_decay),
-        config=build_ds_config(cfg, stage, world), lr_scheduler=lambda opt: lr_schedule(opt, stage))
+        config=build_ds_config(cfg, stage, world), lr_scheduler=lambda opt: stage_schedule(opt, stage))
     return engine
-
-
-def lr_schedule(optimizer, stage: StageConfig):
-    """Linear warmup over `warmup` of the steps, then linear decay to 0 over the last
-    `decay` of them, constant in between. decay=1 is HF's get_linear_schedule_with_warmup
-    (decay from the end of warmup on), step for step."""
-    import torch
-    total = stage.steps
-    warm = max(1, int(stage.warmup * total))
-    start = warm if stage.decay >= 1 else max(warm, total - max(1, int(stage.decay * total)))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return step / warm
-        if step < start:
-            return 1.0
-        return max(0.0, (total - step) / max(1, total - start))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def train_step(engine, batches, device) -> tuple:

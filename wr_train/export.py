@@ -11,19 +11,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
-from wr_train import storage
-from wr_train.checkpoint import CheckpointError, fp32_weights, read_history, verify_complete
+from wr_train.checkpoint import Opened, open_checkpoint
 from wr_train.config import ModelConfig, from_dict
 from wr_train.hf import ExportError, check_hf_dir, quiet_transformers
 from wr_train.storage import is_s3
 from wr_train.text import FORMATS
 from wr_train.tokenizer import load_spm, save_hf_tokenizer
+from wr_train.tracking import add_to_tracked_run, loss_plot
 
 
 # The exported config's dropout: what fine-tuning starts from (BERT's and UER's 0.1),
@@ -47,16 +46,15 @@ def save_hf_model(mlm, spm_model: str, out_dir: str, card: str | None = None) ->
     return out
 
 
-def load_checkpoint_weights(ckpt_local: str, state: dict):
-    """BertForMaskedLM with the checkpoint's full fp32 weights (any ZeRO stage)."""
+def load_checkpoint_weights(opened: Opened):
+    """BertForMaskedLM with a verified checkpoint's full fp32 weights (any ZeRO stage)."""
     from wr_train.model import build_mlm
-    cfg = from_dict(state["config"])
-    mlm = build_mlm(cfg.model, state["vocab_size"])
-    sd = fp32_weights(ckpt_local, tag=state["ds_tag"])
-    missing, unexpected = mlm.load_state_dict(sd, strict=False)
+    cfg = from_dict(opened.state["config"])
+    mlm = build_mlm(cfg.model, opened.state["vocab_size"])
+    missing, unexpected = mlm.load_state_dict(opened.weights(), strict=False)
     missing = [k for k in missing if not k.endswith("decoder.weight")]  # tied to the embeddings
     if missing or unexpected:
-        raise ExportError(f"{ckpt_local}: weights do not fit the model "
+        raise ExportError(f"{opened.path}: weights do not fit the model "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     mlm.tie_weights()
     return mlm.eval(), cfg
@@ -64,64 +62,32 @@ def load_checkpoint_weights(ckpt_local: str, state: dict):
 
 def export_checkpoint(checkpoint: str, out_dir: str, log=print, license: str | None = None,
                       widget: str | None = None) -> Path:
-    """Export a complete checkpoint (local dir or s3://) to a HuggingFace directory; the
-    model card names `license` (a Hub license id, default LICENSE) and shows `widget` (a
-    sentence with [MASK], default WIDGET) in its fill-mask widget."""
+    """Export a complete checkpoint (local dir or s3://, every file's sha256 checked) to a
+    HuggingFace directory; the model card names `license` (a Hub license id, default
+    LICENSE) and shows `widget` (a sentence with [MASK], default WIDGET) in its fill-mask
+    widget."""
     license = LICENSE if license is None else license
     widget = WIDGET if widget is None else widget
     if "[MASK]" not in widget:
         raise ExportError(f"--widget {widget!r}: expected a [MASK] in it")
-    try:
-        state = verify_complete(checkpoint)
-    except storage.StorageError as e:
-        raise CheckpointError(str(e)) from None
-    with tempfile.TemporaryDirectory(prefix="wr-export-") as tmp:
-        local = checkpoint
-        if storage.is_s3(checkpoint):
-            log(f"export: downloading {checkpoint}")
-            local = os.path.join(tmp, "ckpt")
-            storage.copy_tree(checkpoint, local, log=log)
-        mlm, cfg = load_checkpoint_weights(local, state)
-        history = read_history(local)
-        manifests = json.loads(Path(local, "manifests.json").read_text())
+    with open_checkpoint(checkpoint, log=log) as opened:
+        state = opened.state
+        mlm, cfg = load_checkpoint_weights(opened)
+        history = opened.history()
         out = Path(out_dir)
         mlm.config.hidden_dropout_prob = mlm.config.attention_probs_dropout_prob = FINETUNE_DROPOUT
-        save_hf_model(mlm, os.path.join(local, "spm.model"), str(out))
-        plot = _loss_plot(history, out / "loss.png")
-        card = model_card(cfg, state, manifests, history, plot, name=out.resolve().name,
+        save_hf_model(mlm, opened.spm_model(), str(out))
+        plot = loss_plot(history, out / "loss.png")
+        card = model_card(cfg, state, opened.manifests(), history, plot, name=out.resolve().name,
                           license=license, widget=widget)
         (out / "README.md").write_text(card, encoding="utf-8")
         kept = {k: state[k] for k in ("step", "stage", "stage_name", "stage_step", "world_size")}
         (out / "training_state.json").write_text(json.dumps(
             {**kept, "config": _without_local_paths(state["config"])}, indent=1, ensure_ascii=False))
+    add_to_tracked_run(checkpoint.rstrip("/").rsplit("/", 1)[0],
+                       [str(out / "README.md")] + ([str(out / plot)] if plot else []), log=log)
     log(f"export: {checkpoint} (step {state['step']}) -> {out}")
     return out
-
-
-def _loss_plot(history: list[dict], path: Path) -> str | None:
-    if not history:
-        return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1.5, label="train")
-    evals = [h for h in history if "eval_loss" in h]
-    if evals:
-        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", lw=1.5,
-                label="held-out eval")
-    floors = [h for h in history if "unigram_floor" in h]
-    if floors:
-        ax.axhline(floors[-1]["unigram_floor"], color="grey", ls="--", lw=1,
-                   label=f"unigram floor {floors[-1]['unigram_floor']:.2f}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("MLM loss (nats)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path.name
 
 
 def _without_local_paths(config: dict) -> dict:

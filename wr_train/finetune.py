@@ -24,7 +24,8 @@ import torch
 from wr_train.config import ConfigError, apply_override
 from wr_train.hf import check_hf_dir, quiet_transformers
 from wr_train.machine import keep_freed_memory
-from wr_train.tasks import Example, Task
+from wr_train.optim import adamw, linear_schedule
+from wr_train.tasks import Example, Task, majority_share
 
 SUBSET_SEED = 0  # max_train_examples picks the same subset for every config and seed
 
@@ -160,20 +161,6 @@ def predict(model, data: Encoded, device, amp_dtype, batch_size: int, pad_id: in
     return pred
 
 
-def _optimizer(model, cfg: FinetuneConfig):
-    """Pretraining's AdamW groups (no decay on biases and LayerNorm), fused as pretraining's."""
-    from wr_train.engine import param_groups
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
-
-
-def _schedule(optimizer, warmup_steps: int, total_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def load_classifier(model_dir: str, task: Task):
     from transformers import AutoTokenizer, BertForSequenceClassification
     with quiet_transformers():
@@ -217,9 +204,9 @@ def finetune(model_dir: str, task: Task, cfg: FinetuneConfig,
 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    optimizer = _optimizer(model, cfg)
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay)  # pretraining's groups, fused
     run = _Steps(model, cfg, device, amp_dtype, pad_id, optimizer,
-                 _schedule(optimizer, int(cfg.warmup * total_steps), total_steps))
+                 linear_schedule(optimizer, int(cfg.warmup * total_steps), total_steps))
     gen = torch.Generator().manual_seed(cfg.seed)
     labels_all = torch.tensor(train.labels, dtype=torch.long)
     result = _new_result(model_dir, task, cfg, device, amp_dtype, train, dev, test)
@@ -331,16 +318,10 @@ def _new_result(model_dir: str, task: Task, cfg: FinetuneConfig, device, amp_dty
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "train_examples": len(train), "dev_examples": len(dev),
         "test_examples": len(test) if test is not None else 0,
-        "majority_dev": _majority(train.labels, dev.labels),
+        "majority_dev": majority_share(train.labels, dev.labels),
         "epochs": [], "best_epoch": None, "dev_acc": None, "dev_f1": None,
         "test_acc": None, "test_f1": None,
     }
-
-
-def _majority(train_labels: list[int], dev_labels: list[int]) -> float:
-    """Dev accuracy of always answering the most frequent train label."""
-    top = max(set(train_labels), key=train_labels.count)
-    return sum(label == top for label in dev_labels) / max(len(dev_labels), 1)
 
 
 def _save(model, tokenizer, model_dir: str, save_dir: str, task: Task, cfg: FinetuneConfig,

@@ -37,28 +37,15 @@ def ensure_ray(*, local: bool = False, num_cpus: int | None = None, gpu: bool = 
 
 
 def worker_env(gpu: bool) -> dict[str, str]:
-    """Environment of Ray's worker processes on CPU runs: DeepSpeed's CPU accelerator, and
-    OpenMP sized 1 at process start.
-
-    Ray Train and Tune run the training function in a thread of the worker, and Ray's
-    set-up has already run torch ops in the worker's main thread, making an OpenMP team
-    there. With a second team on the same CPUs, libgomp stops spin-waiting for work (it
-    "throttles"), so every parallel op of the loop waits for its threads to wake: the
-    tiny model's step has hundreds of small ops. Starting at 1 keeps the main thread's team
-    empty; the loop's thread sets its own count (torch.set_num_threads, per thread). Measured
-    on 2 cores, in-place ops on a [32,128,128] tensor in the training thread: 17.0k/s
-    -> 19.3k/s (a Ray task in the main thread: 20-22k/s); bench/RESULTS.md has the step.
-
-    And huge pages for torch's big CPU tensors (THP_MEM_ALLOC_ENABLE, read once when the
-    process starts): the worker keeps freed memory in glibc's heap
-    (machine.keep_freed_memory), but the loop's thread allocates from its own arena, where
-    a fresh [600, 20000] fp32 tensor (the head's logits at 20k vocab) still faults its
-    pages in one by one. Measured on 2 cores, one thread, exp into a fresh tensor of that
-    shape in a second thread: 22 ms with keep_freed_memory, 9.7 ms with huge pages too
-    (10 ms into a preallocated one; the main thread: 10 ms either way). One glibc arena
-    (MALLOC_ARENA_MAX=1) puts the thread on the main heap that keep_freed_memory keeps:
-    the worker's loop (bench `stream_loop`, tiny) run in a second thread of one process,
-    OMP_NUM_THREADS=1: 10.8k tok/s, with one arena 11.2k (the main thread: 11.1k)."""
+    """Environment of Ray's worker processes on CPU runs (measured in bench/RESULTS.md):
+    - DS_ACCELERATOR=cpu: DeepSpeed's CPU accelerator.
+    - OMP_NUM_THREADS=1 at process start: Ray's set-up runs torch ops in the worker's main
+      thread, and a second OpenMP team there makes libgomp stop spin-waiting, so every small
+      op of the loop's thread waits for its threads to wake; the loop's thread sets its own
+      count (torch.set_num_threads, per thread).
+    - THP_MEM_ALLOC_ENABLE=1 (huge pages for torch's big CPU tensors) and MALLOC_ARENA_MAX=1
+      (the loop's thread allocates from the main heap that machine.keep_freed_memory keeps),
+      so a fresh head-sized tensor does not fault its pages in one by one."""
     return {} if gpu else {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "THP_MEM_ALLOC_ENABLE": "1",
                            "MALLOC_ARENA_MAX": "1"}
 

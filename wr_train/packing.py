@@ -23,6 +23,14 @@ from wr_train.shards import CorpusError
 from wr_train.tokenizer import CLS, PAD, SEP
 
 
+PACKINGS = ("full", "doc")
+
+
+def check_packing(packing: str) -> None:
+    if packing not in PACKINGS:
+        raise CorpusError(f"--packing {packing}: expected 'full' or 'doc'")
+
+
 def _documents(lens: np.ndarray, ends) -> tuple[np.ndarray, np.ndarray]:
     """Per document (pieces up to an end): (id count, index of its first id)."""
     ends = np.asarray(ends, dtype=bool)
@@ -80,16 +88,7 @@ def pack_flat(flat: np.ndarray, lens: np.ndarray, ends, seq_length: int, packing
             piece = np.minimum(body, doc_len[row_doc] - j * body)
             rows[np.arange(n_rows), 1 + piece] = SEP
         return rows, n_docs
-    raise CorpusError(f"--packing {packing}: expected 'full' or 'doc'")
-
-
-def pack_rows(docs_ids: list, ends: list[bool], seq_length: int, packing: str) -> np.ndarray:
-    """Pack encoded pieces (lists or arrays of ids) into rows (see module doc).
-    ends[i]: piece i ends its document."""
-    lens = np.fromiter(map(len, docs_ids), dtype=np.int64, count=len(docs_ids))
-    flat = (np.concatenate([np.asarray(d, dtype=np.int32) for d in docs_ids])
-            if len(docs_ids) else np.zeros(0, np.int32))
-    return pack_flat(flat, lens, ends, seq_length, packing)[0]
+    check_packing(packing)
 
 
 def heldout_pieces(texts: list[str], ends, share: float) -> np.ndarray:

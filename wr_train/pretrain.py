@@ -21,19 +21,17 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
-from wr_train import storage
-from wr_train.checkpoint import (CheckpointError, check_resume, fetch_latest, fp32_weights, history_jsonl,
-                                 latest_complete, load_stage_weights, read_history, restore_engine,
-                                 save_checkpoint)
+from wr_train import checkpoint, storage
+from wr_train.checkpoint import CheckpointError, TrainState, check_resume, history_jsonl, latest_complete
 from wr_train.config import ConfigError, PretrainConfig, from_dict, to_dict
 from wr_train.ds_config import build_ds_config, cpu_supports_fp16, resolve_precision, torch_dtype
 from wr_train.engine import build_engine, eval_line, eval_set, evaluate, train_step
 from wr_train.local_ray import ensure_ray, hide_prints, quiet_worker, root_cause_line, train_logging_config
 from wr_train.shards import CorpusError, load_manifest, read_token_counts
+from wr_train.tracking import TrackingError, check_installed, parse_report_to, tracker_env
 
 
 # ---------------------------------------------------------------- the worker
@@ -47,39 +45,65 @@ class _Worker:
     log: Callable
     verbose: bool
     peak: float | None = None  # the device's peak FLOP/s for the MFU (measured once, on first use)
+    trackers: object = None    # rank 0's tracking.Trackers (MLflow / W&B), if any are named
 
 
 @dataclass
-class _Position:
-    """Where training stands: the checkpoint's on resume, then advanced by the loop."""
-    stage: int = 0
-    stage_step: int = 0
-    step: int = 0                  # global step
-    positions: list | None = None  # rows each rank had consumed in the stage (a mid-stage resume)
-    history: list = field(default_factory=list)  # rank 0: every metrics row of the run
-    local: str | None = None       # a local copy of the last checkpoint: a mid-stage resume's
-    #                                engine state, or the next stage's starting weights
-    source: str | None = None      # ... that checkpoint in storage (for errors)
+class _Resume:
+    """This rank's fetched share of the checkpoint a run resumes from."""
+    source: str      # the checkpoint in storage (for messages)
+    local: str       # the local copy of this rank's share (removed once restored)
 
 
 def train_worker(loop_config: dict) -> None:
-    """One Ray Train worker: every stage from where the run stopped."""
+    """One Ray Train worker: every stage from where the run stopped. A stage starts from
+    the previous stage's last weights, gathered in memory from the engine that trained
+    them (or from the checkpoint's engine, when the run resumes at a stage's end)."""
     cfg = from_dict(loop_config["config"]).validate()
     run_dir = loop_config["run_dir"]
     w = _start_worker(cfg, loop_config.get("verbose", False))
-    import torch.distributed as dist
-    at = _resume_point(cfg, run_dir, w)
-    for s in range(at.stage, len(cfg.stages)):
-        _train_stage(cfg, s, run_dir, w, at)
-        if s + 1 < len(cfg.stages):
-            # Each rank wrote only its own shard files; the next stage's weights come from
-            # the merged checkpoint in storage, once every rank's upload is done.
-            dist.barrier()
-            if at.local:
-                shutil.rmtree(at.local, ignore_errors=True)
-            at.source, _, at.local = fetch_latest(run_dir, w.rank, w.log)
-    if at.local:
-        shutil.rmtree(at.local, ignore_errors=True)
+    lease = checkpoint.Lease(run_dir, token=loop_config["lease"]) if w.rank == 0 and loop_config.get("lease") else None
+    ts, resume = _resume_point(cfg, run_dir, w)
+    ok = False
+    try:
+        w.trackers = _open_trackers(cfg, run_dir, w, loop_config.get("tracker_env"))
+        weights = None
+        if resume and ts.stage_step == cfg.stages[ts.stage].steps:  # saved at a stage's end
+            engine = _stage_engine(cfg, ts.stage, w, None, resume)
+            weights = checkpoint.full_weights(engine) if ts.stage + 1 < len(cfg.stages) else None
+            del engine
+            ts.next_stage()
+            resume = _drop(resume)
+        for s in range(ts.stage, len(cfg.stages)):
+            engine = _stage_engine(cfg, s, w, weights, resume)
+            resume = _drop(resume)
+            _train_stage(cfg, s, run_dir, w, ts, engine, lease)
+            weights = checkpoint.full_weights(engine) if s + 1 < len(cfg.stages) else None
+            del engine
+            ts.next_stage()
+        if w.trackers:
+            w.trackers.log_plot(ts.history)
+        ok = True
+    finally:
+        _drop(resume)
+        if w.trackers:
+            w.trackers.close(ok)
+
+
+def _open_trackers(cfg: PretrainConfig, run_dir: str, w: _Worker, env: dict | None):
+    """Rank 0's MLflow / W&B runs (None when no such tracker is named, or on other ranks)."""
+    from wr_train.tracking import Trackers, parse_report_to
+    names = [n for n in parse_report_to(cfg.report_to) if n != "tensorboard"]
+    if w.rank != 0 or not names:
+        return None
+    return Trackers(names, run_dir, cfg.name, to_dict(cfg), env).open()
+
+
+def _drop(resume: "_Resume | None") -> None:
+    """Remove a fetched share once the engine holds it (or on the way out)."""
+    if resume is not None:
+        shutil.rmtree(resume.local, ignore_errors=True)
+    return None
 
 
 def _start_worker(cfg: PretrainConfig, verbose: bool) -> _Worker:
@@ -102,25 +126,26 @@ def _start_worker(cfg: PretrainConfig, verbose: bool) -> _Worker:
     return _Worker(rank, world, device, log, verbose)
 
 
-def _resume_point(cfg: PretrainConfig, run_dir: str, w: _Worker) -> _Position:
-    """The last complete checkpoint's position (and a local copy of it), or the start."""
-    source, state, local = fetch_latest(run_dir, w.rank, w.log)
-    if not state:
-        return _Position()
+def _resume_point(cfg: PretrainConfig, run_dir: str, w: _Worker) -> tuple[TrainState, _Resume | None]:
+    """The newest checkpoint every rank fetched its share of intact, or the start."""
+    found = checkpoint.fetch_share(run_dir, w.rank, w.log)
+    if found is None:
+        return TrainState(), None
+    source, state, local, fetched = found
     if state["world_size"] != w.world:
+        shutil.rmtree(local, ignore_errors=True)
         raise CheckpointError(
             f"{source}: saved by {state['world_size']} workers, this run has {w.world}; "
             f"resume with --workers {state['world_size']} (data positions are per worker)")
-    w.log(f"resuming from {source} (stage {state['stage']}, step {state['step']})")
-    at = _Position(stage=state["stage"], stage_step=state["stage_step"], step=state["step"],
-                   positions=state["positions"], history=read_history(local) if w.rank == 0 else [],
-                   local=local, source=source)
-    if at.stage_step == cfg.stages[at.stage].steps:  # resumed at a stage's end
-        at.stage, at.stage_step, at.positions = at.stage + 1, 0, None
-    return at
+    total = sum(m["size"] for m in state["files"].values())
+    w.log(f"resuming from {source} (stage {state['stage'] + 1}, step {state['step']}): each rank "
+          f"fetched its share, rank 0 {fetched / 2**20:,.1f} MB of {total / 2**20:,.1f} MB")
+    ts = TrainState.of(state, checkpoint.read_history(local) if w.rank == 0 else [])
+    return ts, _Resume(source, local)
 
 
-def _train_stage(cfg: PretrainConfig, s: int, run_dir: str, w: _Worker, at: _Position) -> None:
+def _train_stage(cfg: PretrainConfig, s: int, run_dir: str, w: _Worker, at: TrainState, engine,
+                 lease: "checkpoint.Lease | None") -> None:
     """Stage `s` from `at` to its last step: step, report, evaluate and save on schedule."""
     import ray.train
 
@@ -128,11 +153,10 @@ def _train_stage(cfg: PretrainConfig, s: int, run_dir: str, w: _Worker, at: _Pos
     from wr_train.stream import RowStream, masked_batches
     stage = cfg.stages[s]
     manifest = load_manifest(stage.shards)
-    mid_stage = s == at.stage and at.stage_step > 0
-    engine = _stage_engine(cfg, s, manifest, w, at, mid_stage)
     stream = RowStream(stage.shards, manifest, seed=cfg.seed, stage=s, rank=w.rank, world=w.world,
-                       micro_batch=stage.micro_batch, window=cfg.shuffle_window,
-                       consumed=at.positions[w.rank] if (mid_stage and at.positions) else 0)
+                       micro_batch=stage.micro_batch, window=cfg.shuffle_window)
+    if at.streams:  # a mid-stage resume: this rank's place in its order
+        stream.load_state_dict(at.streams[w.rank])
     batches = masked_batches(stream, seed=cfg.seed, vocab_size=manifest["vocab_size"], mask_cfg=cfg.mask,
                              pin=w.device.type == "cuda")
     held_out = eval_set(cfg, stage.shards, manifest, w.rank, w.world) if cfg.eval_rows else None
@@ -161,29 +185,34 @@ def _train_stage(cfg: PretrainConfig, s: int, run_dir: str, w: _Worker, at: _Pos
             metrics.update(_eval_metrics(engine, held_out, stage, manifest, w, at))
         at.history.append(metrics)
         if save:
-            _save_and_report(engine, metrics, cfg, s, stream.consumed, run_dir, w, at)
+            _save_and_report(engine, metrics, cfg, stream.state_dict(), run_dir, w, at)
         else:
             ray.train.report(metrics)
+        if w.trackers:
+            w.trackers.log(metrics)
+        if lease is not None:
+            lease.heartbeat()  # stops this run if another took its name
         meter.restart()  # evaluation and saving stay out of tok/s
     batches.close()
-    at.stage_step, at.positions = 0, None
 
 
-def _stage_engine(cfg: PretrainConfig, s: int, manifest: dict, w: _Worker, at: _Position, mid_stage: bool):
-    """Stage `s`'s engine: mid-stage, the checkpoint's engine state and RNG; else fresh."""
+def _stage_engine(cfg: PretrainConfig, s: int, w: _Worker, weights: dict | None, resume: _Resume | None):
+    """Stage `s`'s engine: restored from this rank's share of a checkpoint saved in this
+    stage; else a fresh optimizer on the previous stage's weights (as the seed's recipe
+    does), or on a fresh model."""
     from wr_train.model import build_mlm, fresh_mlm
-    vocab = manifest["vocab_size"]
-    mlm = (build_mlm(cfg.model, vocab, seed=cfg.seed) if at.local   # weights come from the checkpoint
-           else fresh_mlm(cfg.model, vocab, cfg.seed, cfg.stages[s].shards))
-    if at.local and not mid_stage:
-        # A new stage starts from the last weights (fp32, gathered from any ZeRO stage)
-        # with a fresh optimizer and schedule, as the seed's recipe does.
-        load_stage_weights(mlm, fp32_weights(at.local), at.source)
+    vocab = load_manifest(cfg.stages[s].shards)["vocab_size"]
+    if resume or weights is not None:  # the weights come from the checkpoint / previous stage
+        mlm = build_mlm(cfg.model, vocab, seed=cfg.seed)
+    else:
+        mlm = fresh_mlm(cfg.model, vocab, cfg.seed, cfg.stages[s].shards)
+    if weights is not None:
+        checkpoint.load_stage_weights(mlm, weights, f"stage {s} ({cfg.stages[s - 1].name})'s last weights")
         mlm.tie_weights()
     with hide_prints(w.verbose):
         engine = build_engine(cfg, cfg.stages[s], w.world, mlm)
-    if mid_stage:
-        restore_engine(engine, at.local, w.rank)
+    if resume:
+        checkpoint.restore(engine, resume.local, w.rank)
     return engine
 
 
@@ -219,7 +248,7 @@ class _Meter:
 
 
 def _report_metrics(meter: _Meter, engine, cfg: PretrainConfig, s: int, manifest: dict,
-                    w: _Worker, at: _Position) -> dict:
+                    w: _Worker, at: TrainState) -> dict:
     """A report step's metrics row (every worker's steps since the last report) and its line."""
     from wr_train.model import flops_per_token
     stage = cfg.stages[s]
@@ -241,7 +270,7 @@ def _report_metrics(meter: _Meter, engine, cfg: PretrainConfig, s: int, manifest
     return metrics
 
 
-def _eval_metrics(engine, held_out, stage, manifest: dict, w: _Worker, at: _Position) -> dict:
+def _eval_metrics(engine, held_out, stage, manifest: dict, w: _Worker, at: TrainState) -> dict:
     """The held-out loss and accuracy over every worker's share (and the shards' unigram
     floor beside them), and their line."""
     import torch.distributed as dist
@@ -257,23 +286,35 @@ def _eval_metrics(engine, held_out, stage, manifest: dict, w: _Worker, at: _Posi
     return metrics
 
 
-def _save_and_report(engine, metrics: dict, cfg: PretrainConfig, s: int, consumed: int,
-                     run_dir: str, w: _Worker, at: _Position) -> None:
-    """Every rank saves its files and reports them to Ray, which persists the checkpoint;
-    rank 0 then rewrites the run's metrics.jsonl and TensorBoard files."""
+def _save_and_report(engine, metrics: dict, cfg: PretrainConfig, stream_state: dict,
+                     run_dir: str, w: _Worker, at: TrainState) -> None:
+    """Every rank saves and hashes its files and reports them to Ray, which persists the
+    checkpoint as checkpoint_step_NNNNNNN; once every rank's upload is done, rank 0
+    rewrites the run's metrics.jsonl and TensorBoard files and rotates old checkpoints."""
     import ray.train
-    stage = cfg.stages[s]
-    ckpt_dir = save_checkpoint(engine, cfg, stage, s, at.stage_step, at.step, consumed,
-                               at.history, w.rank, w.world)
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # Ray has persisted it
-    w.log(f"{_where(stage, at)} checkpoint saved (global step {at.step}) in {run_dir}")
+    import torch.distributed as dist
+    stage = cfg.stages[at.stage]
+    start = time.time()
+    ckpt_dir = checkpoint.save(engine, cfg, at, stream_state, w.rank, w.world)
+    written = time.time()
+    try:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
+                         checkpoint_dir_name=checkpoint.checkpoint_name(at.step))
+    finally:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # Ray has persisted it (or failed to)
+    dist.barrier()  # every rank's files are in storage
+    metrics.update(save_s=round(time.time() - start, 3), save_write_s=round(written - start, 3))
+    w.log(f"{_where(stage, at)} checkpoint {checkpoint.checkpoint_name(at.step)} saved in {run_dir} "
+          f"({metrics['save_s']:.1f}s: {metrics['save_write_s']:.1f}s writing, "
+          f"{metrics['save_s'] - metrics['save_write_s']:.1f}s upload)")
     if w.rank == 0:
         storage.write_text(storage.join(run_dir, "metrics.jsonl"), history_jsonl(at.history))
-        write_tensorboard(at.history, storage.join(run_dir, "tensorboard"))
+        if "tensorboard" in cfg.report_to:
+            write_tensorboard(at.history, storage.join(run_dir, "tensorboard"))
+        checkpoint.rotate(run_dir, cfg.keep_checkpoints, log=w.log)
 
 
-def _where(stage, at: _Position) -> str:
+def _where(stage, at: TrainState) -> str:
     return f"[{stage.name}] step {at.stage_step}/{stage.steps}"
 
 
@@ -337,6 +378,10 @@ def preflight(cfg: PretrainConfig) -> None:
             read_token_counts(cfg.stages[0].shards, vocab)  # every stage has one segmenter (above)
         except (CorpusError, storage.StorageError) as e:
             raise ConfigError(f"model.output_bias=unigram: {e}") from None
+    try:
+        check_installed(parse_report_to(cfg.report_to))
+    except TrackingError as e:
+        raise ConfigError(str(e)) from None
     ds = build_ds_config(cfg, cfg.stages[0], cfg.workers)  # a bad ds_config fails here, not in a worker
     if ds["fp16"]["enabled"] and not cfg.gpu and not cpu_supports_fp16():
         raise ConfigError("precision fp16: this CPU has no fp16 kernels (DeepSpeed refuses it); "
@@ -369,35 +414,42 @@ def run(cfg: PretrainConfig, log=_stderr_line, verbose: bool = False) -> str:
         storage.check_writable(run_dir)
     except storage.StorageError as e:
         raise ConfigError(f"--storage {cfg.storage}: {e}") from None
+    with checkpoint.Lease(run_dir, log=log).held() as lease:  # one run per name
+        return _fit(cfg, run_dir, lease, log, verbose)
+
+
+def _fit(cfg: PretrainConfig, run_dir: str, lease, log, verbose: bool) -> str:
+    """Check the resume, then train on Ray; returns the last checkpoint's path."""
+    checkpoint.forget_ray_snapshot(run_dir, log=log)
     ckpt, state = latest_complete(run_dir, log=log)
     if state:
-        check_resume(ckpt, state, cfg)
-        log(f"pretrain: resuming {run_dir} from step {state['step']}")
+        check_resume(ckpt, state, cfg, log=log)
+        log(f"pretrain: resuming {run_dir}: its newest complete checkpoint is step {state['step']} "
+            f"(the workers check each file's hash as they fetch it)")
     import ray.train  # after the checks: bad input fails before seconds of imports
     from ray.train.torch import TorchTrainer
     ensure_ray(gpu=cfg.gpu, verbose=verbose)
     fs, inner = storage.resolve(cfg.storage)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_dict(cfg), "run_dir": run_dir, "verbose": verbose},
+        train_loop_config={"config": to_dict(cfg), "run_dir": run_dir, "verbose": verbose,
+                           "lease": lease.token, "tracker_env": tracker_env()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})}),
         run_config=ray.train.RunConfig(
+            # checkpoints are kept and found by wr_train.checkpoint (rotate, complete_checkpoints)
             name=cfg.name, storage_path=inner, storage_filesystem=fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             logging_config=train_logging_config(verbose)),
     )
     log(f"pretrain: {cfg.model.size} model, {len(cfg.stages)} stage(s), {cfg.workers} worker(s) -> {run_dir}")
     try:
-        result = trainer.fit()
+        trainer.fit()
     except Exception as e:  # Ray wraps the worker's exception; keep its last line
         raise RuntimeError(f"pretraining failed: {root_cause_line(e)}") from None
-    last = storage.join(run_dir, Path(result.checkpoint.path).name) if result.checkpoint else None
-    if last is None:
-        ckpt, _ = latest_complete(run_dir, log=log)
-        last = ckpt
+    last, _ = latest_complete(run_dir, log=log)
     final = last_eval(run_dir)
     if final:
         log(f"pretrain: step {final['step']} {eval_line(final)}")

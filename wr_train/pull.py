@@ -4,29 +4,25 @@ place so the destination never holds half of one."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import time
 import uuid
 
 from wr_train import storage
+from wr_train.checkpoint import STATE, check_files, read_state
 from wr_train.storage import MB, StorageError
 
 
-def _manifest(src, listing: dict[str, int]) -> dict[str, dict]:
-    """The `files` map of src/state.json ({relpath: {"size", "sha256"?}}), or {}."""
-    if "state.json" not in listing:
-        return {}
-    path = storage.join(src, "state.json")
-    try:
-        state = json.loads(storage.read_text(path))
-    except ValueError as exc:
-        raise StorageError(f"{path}: not valid JSON ({exc})") from exc
-    files = state.get("files", {}) if isinstance(state, dict) else {}
-    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
-        raise StorageError(f'{path}: "files" must map relpath -> {{"size": int, "sha256": str}}')
-    return files
+def _files_to_check(src, listing: dict[str, int]) -> dict[str, dict] | None:
+    """A checkpoint's `files` map (its state.json, checked by wr_train.checkpoint), None
+    for an exported model (config.json); anything else is refused."""
+    if STATE in listing:
+        return read_state(src)["files"]
+    if "config.json" in listing:
+        return None
+    raise StorageError(f"{src}: neither a wr-train checkpoint (no {STATE}) nor an exported model "
+                       f"(no config.json)")
 
 
 def _dest_ready(dst: str, overwrite: bool) -> None:
@@ -56,9 +52,10 @@ def _swap_into_place(partial: str, dst: str) -> None:
 def pull(src, dst, overwrite: bool = False, log=print) -> dict:
     """Copy a finished checkpoint or export (s3:// or local) to the local directory `dst`.
 
-    Refuses a non-empty `dst` unless overwrite, and a `src` without files. If src has a
-    state.json with a "files" manifest, the listed files are checked before copying
-    (missing / short files fail fast, nothing is written) and after (size, sha256). The
+    Refuses a non-empty `dst` unless overwrite, and a `src` that is neither a checkpoint
+    (state.json) nor an export (config.json). A checkpoint's listed files are checked
+    before copying (missing / short files fail fast, nothing is written) and after (size,
+    sha256). The
     copy goes to `dst`.partial and is renamed at the end, so `dst` never holds half a
     checkpoint. Returns {"src", "dest", "files", "bytes", "seconds"}.
     """
@@ -69,14 +66,16 @@ def pull(src, dst, overwrite: bool = False, log=print) -> dict:
     listing = storage.list_files(src)
     if not listing:
         raise StorageError(f"{src}: no files to pull")
-    manifest = _manifest(src, listing)
-    storage.check_complete(src, manifest, listing)
+    files = _files_to_check(src, listing)
+    if files is not None:
+        check_files(src, files, listing)  # missing / short files fail before anything is written
     _dest_ready(dst, overwrite)
     partial = dst + ".partial"
     try:
         storage.remove_tree(partial)  # left over from an interrupted pull
         storage.copy_tree(src, partial, log=log)
-        storage.check_complete(src, manifest, storage.list_files(partial), local_root=partial)
+        if files is not None:
+            check_files(src, files, storage.list_files(partial), local_root=partial)
         try:
             _swap_into_place(partial, dst)
         except OSError as exc:

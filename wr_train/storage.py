@@ -346,6 +346,14 @@ def copy_tree(src, dst, progress: bool = True, log=print) -> dict[str, int]:
     either side), several files at a time; then check every destination size against
     the source listing. Returns the source listing {relpath: size}."""
     listing = list_files(src)
+    copy_files(src, dst, listing, progress=progress, log=log)
+    return listing
+
+
+def copy_files(src, dst, listing: dict[str, int], progress: bool = True, log=print) -> int:
+    """Copy the files `listing` names ({relpath: size}) from under `src` to the same
+    relpaths under `dst`, several at a time; each must arrive with its listed size.
+    Returns the bytes copied."""
     report = _Progress(len(listing), sum(listing.values()), f"copy {src} -> {dst}", log, progress)
     with cf.ThreadPoolExecutor(max_workers=max(1, min(COPY_WORKERS, len(listing)))) as pool:
         futures = {pool.submit(_copy_file, join(src, rel), join(dst, rel), report.add_bytes): rel
@@ -367,7 +375,7 @@ def copy_tree(src, dst, progress: bool = True, log=print) -> dict[str, int]:
             raise
     report.maybe_log(final=True)
     _check_sizes(listing, dst)
-    return listing
+    return sum(listing.values())
 
 
 def _check_sizes(expected: dict[str, int], dst) -> None:
@@ -380,30 +388,10 @@ def _check_sizes(expected: dict[str, int], dst) -> None:
                                f"source has {size}")
 
 
-# -- completeness ----------------------------------------------------------------------------
+# -- hashing ---------------------------------------------------------------------------------
 
-def check_complete(src, files: dict[str, dict], sizes: dict[str, int],
-                   local_root: str | None = None) -> None:
-    """Every file of a state.json `files` map ({relpath: {"size", "sha256"?}}) must be in the
-    listing `sizes` with its size, and match its sha256 when one is listed and `local_root`
-    holds a copy to hash; else a StorageError naming the first gap. Checkpoints (resume,
-    export) and pulls check this."""
-    for rel, meta in files.items():
-        where = join(src, rel)
-        if rel not in sizes:
-            raise StorageError(f"{src}: incomplete checkpoint: {rel} is listed in state.json "
-                               f"but missing")
-        if "size" in meta and sizes[rel] != int(meta["size"]):
-            raise StorageError(f"{src}: incomplete checkpoint: {rel} has {sizes[rel]} bytes, "
-                               f"state.json says {meta['size']}")
-        if local_root is not None and meta.get("sha256"):
-            digest = _sha256(os.path.join(local_root, rel))
-            if digest != meta["sha256"]:
-                raise StorageError(f"{where}: sha256 {digest[:12]}… does not match state.json "
-                                   f"({str(meta['sha256'])[:12]}…)")
-
-
-def _sha256(path: str) -> str:
+def sha256_file(path) -> str:
+    """The sha256 hex digest of a local file, read in CHUNK pieces."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(CHUNK), b""):

@@ -69,8 +69,6 @@ class RowStream:
 
     def __init__(self, shards: str, manifest: dict, *, seed: int, stage: int, rank: int,
                  world: int, micro_batch: int, consumed: int = 0, window: int = DEFAULT_WINDOW):
-        if window < 1:
-            raise ValueError(f"shuffle window: expected >= 1 row group, got {window}")
         self.shards, self.seed, self.stage = shards, seed, stage
         self.rank, self.world, self.micro_batch, self.window = rank, world, micro_batch, window
         self.blocks = list_blocks(shards, manifest)
@@ -79,6 +77,13 @@ class RowStream:
                              f"use fewer workers or a bigger corpus")
         self.consumed = consumed
         self._files: dict = {}
+
+    def state_dict(self) -> dict:
+        """This worker's place in its order: rows taken so far in the stage."""
+        return {"rows": int(self.consumed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state["rows"])
 
     def _read_block(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
         shard = self._files.get(block.file)

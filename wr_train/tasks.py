@@ -50,14 +50,6 @@ class Task:
     def test_labelled(self) -> bool:
         return bool(self.test) and all(ex.label is not None for ex in self.test)
 
-    def majority(self, split: str = "dev") -> float:
-        """Accuracy of always answering the most frequent *train* label on `split`."""
-        rows = getattr(self, split)
-        if not rows or rows[0].label is None:
-            return float("nan")
-        top = Counter(ex.label for ex in self.train).most_common(1)[0][0]
-        return sum(ex.label == top for ex in rows) / len(rows)
-
     def summary(self) -> str:
         parts = [f"train {len(self.train)}", f"dev {len(self.dev)}"]
         if self.test:
@@ -366,3 +358,12 @@ def parse_task_list(text: str) -> list[str]:
 
 __all__ = ["Example", "Task", "TaskError", "TaskSpec", "REGISTRY", "SEED_TASKS", "canonical_name",
            "task_dir", "load_task", "load_tasks", "parse_task_list", "read_labels_json"]
+
+
+def majority_share(train_labels: list, labels: list) -> float:
+    """Share of `labels` equal to the most frequent of `train_labels`: the accuracy of
+    always answering the train set's commonest label (nan when there is nothing to score)."""
+    if not labels or not train_labels or labels[0] is None:
+        return float("nan")
+    top = Counter(train_labels).most_common(1)[0][0]
+    return sum(label == top for label in labels) / len(labels)

@@ -20,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from wr_train.storage import sha256_file as file_sha256  # noqa: F401 (the one sha256 helper; corpus uses it from here)
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 SPECIAL_PIECES = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"[unused{i}]" for i in range(1, 11)]
@@ -187,12 +188,6 @@ def _training_error(msg: str, vocab_size: int, corpus: list[str]) -> TokenizerEr
     return TokenizerError(f"spm training on {' '.join(corpus)} failed: {lines[-1] if lines else msg}")
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_spm_dir(spm_dir: str) -> Path:
@@ -284,17 +279,3 @@ def save_hf_tokenizer(spm_model: str, out_dir: str):
     # save_pretrained writes tokenizer.json + config but not the spm file: keep ours.
     shutil.copy(spm_model, out / "spiece.model")
     return hf
-
-
-def sample_lines(paths: list[str], k: int, seed: int = 0) -> list[str]:
-    """Reservoir sample of k non-empty lines (for tests and reports)."""
-    rng = random.Random(seed)
-    out: list[str] = []
-    for i, line in enumerate(iter_corpus_lines(paths)):
-        if i < k:
-            out.append(line)
-        else:
-            j = rng.randint(0, i)
-            if j < k:
-                out[j] = line
-    return out
