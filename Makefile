@@ -9,7 +9,9 @@ VENV ?= .venv
 CONSTRAINTS := constraints.txt
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' $(CONSTRAINTS))
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-TORCH_SPEC ?= torch==$(TORCH_VERSION) --extra-index-url $(TORCH_INDEX)
+# --no-deps: only torch is looked up on PyTorch's index; its dependencies come with the
+# package's, from PyPI, in the next step
+TORCH_SPEC ?= torch==$(TORCH_VERSION) --no-deps --extra-index-url $(TORCH_INDEX)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.wr-train-installed
 

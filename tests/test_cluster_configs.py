@@ -420,7 +420,7 @@ def test_readme_and_makefile_agree_on_torch():
     as the README says; the README's GPU command names the image's CUDA."""
     make = (REPO / "Makefile").read_text()
     assert re.search(r"^TORCH_INDEX \?= https://download\.pytorch\.org/whl/cpu$", make, re.M)
-    assert "TORCH_SPEC ?= torch==$(TORCH_VERSION) --extra-index-url $(TORCH_INDEX)" in make
+    assert "TORCH_SPEC ?= torch==$(TORCH_VERSION) --no-deps --extra-index-url $(TORCH_INDEX)" in make
     readme = (REPO / "README.md").read_text()
     assert f"installs torch {constraints()['torch']}'s CPU build first (from PyTorch's" in readme
     cuda = dict(re.findall(r"^ARG (\w+)=(\S+)$", (CLUSTER / "Dockerfile").read_text(), re.M))["CUDA"]
