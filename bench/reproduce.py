@@ -126,14 +126,14 @@ def scratch_model(work: Path, size: str, spm_dir: Path) -> Path:
 
 def sweep(work: Path, name: str, model: Path, data: str, grid: dict, seeds: int) -> dict:
     """Tune sweep over the six tasks; task -> per-seed dev/test of the best-dev configuration."""
-    from wr_train.tune import run_sweep
+    from wr_train.tune import SweepConfig, run_sweep
     from wr_train.tune_report import per_seed_scores
     log(f"fine-tuning {name} on {len(TASKS)} tasks × {seeds} seeds (Ray Tune)")
-    report = run_sweep(str(model), TASKS, data, storage=str(work / "sweeps"), name=name,
-                       epochs=grid["epochs"], batch_sizes=grid["batch_sizes"], lrs=grid["lrs"],
-                       seeds=seeds, max_train_examples=grid["max_train"],
-                       max_eval_examples=grid["max_eval"], save_best=False,
-                       cpus_per_trial=1.0, model_name=name, log=log)
+    report = run_sweep(SweepConfig(str(model), TASKS, data, storage=str(work / "sweeps"), name=name,
+                                   epochs=grid["epochs"], batch_sizes=grid["batch_sizes"], lrs=grid["lrs"],
+                                   seeds=seeds, max_train_examples=grid["max_train"],
+                                   max_eval_examples=grid["max_eval"], save_best=False,
+                                   cpus_per_trial=1.0, model_name=name), log=log)
     if report["trials_run"]:
         BUILT.add(f"finetune-{name}")
     return per_seed_scores(report["sweep_dir"], report["best"], TASKS)

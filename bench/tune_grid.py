@@ -56,7 +56,7 @@ def bench(args, tmp: str) -> int:
 
     from wr_train.finetune import FinetuneConfig, finetune
     from wr_train.tasks import load_tasks, parse_task_list
-    from wr_train.tune import run_sweep
+    from wr_train.tune import SweepConfig, run_sweep
     from wr_train.tune_trials import build_grid, parse_list
 
     data = args.data
@@ -98,8 +98,8 @@ def bench(args, tmp: str) -> int:
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rep = run_sweep(model, list(tasks), data, os.path.join(tmp, "sweeps"), "bench", epochs=epochs,
-                    batch_sizes=batch_sizes, lrs=lrs, log=lambda *_: None, save_best=False, **small)
+    rep = run_sweep(SweepConfig(model, list(tasks), data, os.path.join(tmp, "sweeps"), "bench", epochs=epochs,
+                                batch_sizes=batch_sizes, lrs=lrs, save_best=False, **small), log=lambda *_: None)
     tune_s = time.perf_counter() - t0
     ray.shutdown()
     tuned = {t["key"]: t["dev_acc"] for t in rep["scores"]["trials"]}

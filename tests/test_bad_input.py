@@ -340,7 +340,7 @@ CASES = [
     case("export-not-a-checkpoint", lambda ws, t: (["export", str(t), "--out", str(t / "hf")], str(t)),
          "not a wr-train checkpoint"),
     # -- pull
-    case("pull-dest-not-empty", lambda ws, t: (["pull", ws.spm, dir_with(t / "pull-dest", "mine.txt")], "pull-dest"),
+    case("pull-dest-not-empty", lambda ws, t: (["pull", ws.hf, dir_with(t / "pull-dest", "mine.txt")], "pull-dest"),
          "not empty; pass --overwrite"),
     case("pull-partial-checkpoint", lambda ws, t: (["pull", partial_checkpoint(t), str(t / "dest")], "partial-ck"),
          "incomplete checkpoint"),

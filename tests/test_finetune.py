@@ -2,6 +2,7 @@
 on the stand-in tasks with a tiny exported model, on CPU."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from wr_train.config import ConfigError
 from wr_train.finetune import FinetuneConfig, accuracy_f1, encode, finetune, finetune_main
 from wr_train.hf import ExportError
 from wr_train.tasks import Example, TaskError, load_task
-from wr_train.tune import run_sweep, trial_resources
+from wr_train.tune import SweepConfig, run_sweep, trial_resources
 from wr_train.tune_report import aggregate, scores_markdown
 from wr_train.tune_trials import SweepError, TrialSpec, build_grid, parse_list
 
@@ -214,11 +215,12 @@ def test_best_of_grid_and_table_layout():
 # ---------------------------------------------------------------- the sweep through Ray Tune
 
 def _sweep(model, demo_dir, storage_dir, name, tasks=("chnsenticorp",), lrs=(1e-3,), epochs=(1,), **kw):
-    return run_sweep(model, list(tasks), str(demo_dir / "tasks"), str(storage_dir), name,
-                     epochs=list(epochs), batch_sizes=[32], lrs=list(lrs), log=kw.pop("log", lambda *_: None),
-                     seq_length=SMALL["seq_length"], max_train_examples=SMALL["max_train_examples"],
-                     max_eval_examples=SMALL["max_eval_examples"], model_name="tiny",
-                     max_concurrent=2, **kw)  # 2 real cores, whatever the session's Ray claims
+    log = kw.pop("log", lambda *_: None)
+    return run_sweep(SweepConfig(model, list(tasks), str(demo_dir / "tasks"), str(storage_dir), name,
+                                 epochs=list(epochs), batch_sizes=[32], lrs=list(lrs),
+                                 seq_length=SMALL["seq_length"], max_train_examples=SMALL["max_train_examples"],
+                                 max_eval_examples=SMALL["max_eval_examples"], model_name="tiny",
+                                 max_concurrent=2, **kw), log=log)  # 2 real cores, whatever the session's Ray claims
 
 
 def test_sweep_reduced_grid(ray_local, demo_dir, tiny_model, tmp_path):
@@ -299,24 +301,44 @@ def test_sweep_to_s3(ray_local, s3, demo_dir, tiny_model):
     assert rep2["scores"]["best"]["chnsenticorp"]["checkpoint"] == storage.join(sweep, "checkpoints", key)
 
 
+def test_sweep_reports_every_trial_to_mlflow_and_wandb(ray_local, demo_dir, tiny_model, tmp_path, monkeypatch):
+    """`--report-to mlflow,wandb`: Tune's logger callbacks give each trial a tracked run with
+    its dev scores (MLflow: a local file store read back; W&B: offline run folders)."""
+    from mlflow.tracking import MlflowClient
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/mlruns")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "wr-sweeps")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    rep = _sweep(tiny_model, demo_dir, tmp_path / "results", "tracked", lrs=(1e-3, 3e-4),
+                 report_to="mlflow,wandb")
+    assert rep["trials_run"] == 2 and not rep["missing"]
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("wr-sweeps").experiment_id])
+    assert len(runs) == 2 and {r.data.tags["wr_train.sweep"] for r in runs} == {"tracked"}
+    devs = sorted(r.data.metrics["dev_acc"] for r in runs)
+    assert devs == sorted(t["dev_acc"] for t in rep["scores"]["trials"])
+    assert len(glob.glob(f"{tmp_path}/wandb/offline-run-*/run-*.wandb")) == 2
+
+
 def test_sweep_bad_input_fails_before_any_trial(demo_dir, tiny_model, tmp_path):
     data = str(demo_dir / "tasks")
     with pytest.raises(ExportError, match="not an exported model directory"):
-        run_sweep(str(tmp_path), ["douban"], data, str(tmp_path), "x")
+        run_sweep(SweepConfig(str(tmp_path), ["douban"], data, str(tmp_path), "x"))
     with pytest.raises(TaskError, match="not a built-in task"):
-        run_sweep(tiny_model, ["douban", "cmnli"], data, str(tmp_path), "x")
+        run_sweep(SweepConfig(tiny_model, ["douban", "cmnli"], data, str(tmp_path), "x"))
     with pytest.raises(SweepError, match="learning rates: -1"):
-        run_sweep(tiny_model, ["douban"], data, str(tmp_path), "x", lrs=[-1])
+        run_sweep(SweepConfig(tiny_model, ["douban"], data, str(tmp_path), "x", lrs=[-1]))
     with pytest.raises(SweepError, match="--name 'a/b'"):
-        run_sweep(tiny_model, ["douban"], data, str(tmp_path), "a/b")
+        run_sweep(SweepConfig(tiny_model, ["douban"], data, str(tmp_path), "a/b"))
     with pytest.raises(SweepError, match="--cpus-per-trial 0: expected a positive number"):
-        run_sweep(tiny_model, ["douban"], data, str(tmp_path), "x", cpus_per_trial=0)
+        run_sweep(SweepConfig(tiny_model, ["douban"], data, str(tmp_path), "x", cpus_per_trial=0))
     assert not (tmp_path / "x").exists()
     # a sweep name belongs to one model and one set of settings
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "sweep.json").write_text(json.dumps({"model": "m", "model_sha256": "0" * 64}))
     with pytest.raises(SweepError, match="run with another model .*use a new --name"):
-        run_sweep(tiny_model, ["douban"], data, str(tmp_path), "old")
+        run_sweep(SweepConfig(tiny_model, ["douban"], data, str(tmp_path), "old"))
     assert not (tmp_path / "old" / "trials").exists()
 
 

@@ -15,11 +15,16 @@ EXAMPLES = {
     "pull": "wr-train pull s3://bucket/runs/tiny1/checkpoint_step_0000300 ./ckpt",
     "fill-mask": 'wr-train fill-mask demo_out/hf "最近一趟去北京的[MASK]几点发车"',
     "finetune": "wr-train finetune --model demo_out/hf --task chnsenticorp --data demo_out/tasks epochs=3 lr=1e-4",
+    "sweep": "wr-train sweep --model demo_out/hf --tasks chnsenticorp,lcqmc --data demo_out/tasks --storage results --name tiny-clue",
     "demo": "wr-train demo --out demo_out",
     "check-shards": "wr-train check-shards demo_out/shards128   # or s3://bucket/shards128",
 }
 
 
+REPORT_TO_HELP = ("where metrics go: a comma list of tensorboard (the default: event files), mlflow, "
+                  "wandb, or none; MLflow and W&B read MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, "
+                  "WANDB_PROJECT, WANDB_MODE ... from the environment (pip install 'wr-train[mlflow]' / "
+                  "'wr-train[wandb]')")
 VERBOSE_HELP = ("also show Ray's and DeepSpeed's own INFO lines (otherwise they go to Ray's "
                 "session logs, /tmp/ray/session_latest/logs)")
 
@@ -116,12 +121,18 @@ def _parser() -> argparse.ArgumentParser:
     cs.add_argument("shards", help="shard folder made by `wr-train preprocess` (dir or s3://)")
     cs.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
+    sw = add("sweep", SWEEP_DESCRIPTION + " The same command with the same --name resumes; results in "
+             "STORAGE/NAME/ (scores.md, scores.json, scores.png, trials/, checkpoints/, tune/).")
+    add_sweep_args(sw)
+
     dm = add("demo", "End to end on real text: demo data -> spm -> shards -> pretrain -> export -> fine-tune.")
     dm.add_argument("--out", default="demo_out", help="where everything lands (default demo_out; "
                                                      "a second run reuses what is there)")
     dm.add_argument("--steps", type=int, default=None,
                     help="pretraining steps (default: demo-tiny's 2,400, ~4 min on 2 cores; 12,000, ~19 min, "
                          "gives a model that reads the context; use a new --out, the same one resumes)")
+    dm.add_argument("--report-to", dest="report_to", default="tensorboard", metavar="TRACKERS",
+                    help=REPORT_TO_HELP)
     dm.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return p
 
@@ -149,10 +160,7 @@ def add_pretrain_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker, NCCL, bf16")
     t.add_argument("--storage", help="run storage: dir or s3://bucket/prefix (run goes to STORAGE/NAME)")
     t.add_argument("--name", help="run name; the same name resumes")
-    t.add_argument("--report-to", dest="report_to", metavar="TRACKERS",
-                   help="where metrics go: a comma list of tensorboard (files in the run folder, the "
-                        "default), mlflow, wandb, or none; MLflow/W&B read MLFLOW_TRACKING_URI / "
-                        "WANDB_PROJECT etc. from the environment (extras: pip install 'wr-train[mlflow]')")
+    t.add_argument("--report-to", dest="report_to", metavar="TRACKERS", help=REPORT_TO_HELP)
     t.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     t.add_argument("--print-config", action="store_true",
                    help="print the resolved recipe as YAML (a recipe --config takes) and exit; "
@@ -160,6 +168,100 @@ def add_pretrain_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("overrides", nargs="*",
                    help="key=value, any recipe key, e.g. zero_stage=3 stages.0.lr=3e-4; a one-stage "
                         "recipe also takes lr=, steps=, warmup=, decay=, global_batch=, micro_batch=")
+
+
+SWEEP_DESCRIPTION = ("Fine-tune an exported model over a grid (default: the seed's 18 configurations "
+                     "epochs 3,5,8 × batch 32,64 × lr 3e-5,1e-4,3e-4, seq 128) on CLUE-style tasks with "
+                     "Ray Tune; report the best dev score per task (the seed's table) and the test "
+                     "score of each best configuration.")
+SWEEP_EXAMPLES_TEXT = """examples:
+  wr-train sweep --model demo_out/hf --tasks chnsenticorp,lcqmc --data demo_out/tasks \\
+      --storage results --name tiny-clue
+  # a reduced grid on a train subset, results to S3, early stopping on:
+  wr-train sweep --model demo_out/hf --tasks all --data demo_out/tasks \\
+      --storage s3://bucket/sweeps --epochs 3 --batch-sizes 32 --lrs 1e-4,3e-4 \\
+      --max-train-examples 2000 --asha
+  # on a cluster, one GPU per trial (the autoscaler starts GPU nodes for them):
+  ray job submit --working-dir . -- wr-train sweep --model /shared/hf --tasks all --data /shared/tasks \\
+      --storage s3://bucket/sweeps --gpu
+
+The same command with the same --name resumes: finished trials are not run again.
+Results: STORAGE/NAME/{scores.md,scores.json,scores.png,trials/,checkpoints/}; Ray Tune's own
+experiment directory (per-trial results, TensorBoard events, errors): STORAGE/NAME/tune/."""
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    """`wr-train sweep`'s arguments (ray_jobs/tune_clue.py takes the same)."""
+    p.add_argument("--model", required=True, help="exported HuggingFace model directory (wr-train export)")
+    p.add_argument("--tasks", default="all",
+                   help="comma-separated task names (douban, chnsenticorp, lcqmc, tnews, iflytek, ocnli, "
+                        "or a user task dir under --data); 'all' = the six (default)")
+    p.add_argument("--data", required=True, help="directory holding one directory per task")
+    p.add_argument("--storage", default="results", help="where sweeps go: dir or s3://bucket/prefix (default results)")
+    p.add_argument("--name", default=None, help="sweep name (default clue-<model>); the same name resumes")
+    p.add_argument("--epochs", default="3,5,8", help="grid of epoch counts (default 3,5,8)")
+    p.add_argument("--batch-sizes", default="32,64", help="grid of batch sizes (default 32,64)")
+    p.add_argument("--lrs", default="3e-5,1e-4,3e-4", help="grid of learning rates (default 3e-5,1e-4,3e-4)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat each configuration with N seeds (mean reported)")
+    p.add_argument("--seq-length", type=int, default=128, help="fine-tuning sequence length (default 128, the seed's)")
+    p.add_argument("--max-train-examples", type=int, default=0, help="train on a fixed subset of N rows (0 = all)")
+    p.add_argument("--max-eval-examples", type=int, default=0, help="score the first N dev/test rows (0 = all)")
+    p.add_argument("--asha", action="store_true", help="early-stop weak trials with ASHA (off: the seed's protocol)")
+    p.add_argument("--no-save-best", action="store_true", help="do not keep the best model of each task")
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial (default 1)")
+    p.add_argument("--gpu", action="store_true",
+                   help="one GPU per trial (= --gpus-per-trial 1): on a cluster that scales from zero, "
+                        "the trials' requests make the autoscaler start GPU nodes")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs each trial asks Ray for (default 0: CPU trials; 1 with --gpu); asked for "
+                        "whatever the cluster has at the moment")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="run a failed trial (a lost spot node, a crashed worker) again up to N times "
+                        "(default 3; 0: no retries)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="cap on trials at once (default: what fits)")
+    p.add_argument("--model-name", default=None, help="the model's name in the score table")
+    p.add_argument("--verbose", action="store_true", help="also print every epoch of every trial")
+    p.add_argument("overrides", nargs="*", help="further fine-tuning settings key=value (warmup, weight_decay, clip)")
+    p.add_argument("--report-to", dest="report_to", default="tensorboard", metavar="TRACKERS",
+                   help=REPORT_TO_HELP + "; one tracked run per trial")
+
+
+def sweep_config(args):
+    """The SweepConfig of `wr-train sweep` / ray_jobs/tune_clue.py flags."""
+    from wr_train.tune import SweepConfig
+    from wr_train.tune_trials import parse_list
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if args.gpu else 0.0)
+    return SweepConfig(
+        args.model, args.tasks, args.data, args.storage, args.name,
+        epochs=parse_list(args.epochs, int, "--epochs"),
+        batch_sizes=parse_list(args.batch_sizes, int, "--batch-sizes"),
+        lrs=parse_list(args.lrs, float, "--lrs"), seeds=args.seeds,
+        max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples,
+        seq_length=args.seq_length, asha=args.asha, save_best=not args.no_save_best,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, max_failures=args.max_failures,
+        max_concurrent=args.max_concurrent, model_name=args.model_name, verbose=args.verbose,
+        overrides=tuple(args.overrides or ()), report_to=args.report_to)
+
+
+def sweep_main(args, prog: str = "wr-train sweep") -> int:
+    """Run the sweep; print the score table and the sweep's folder. 1 when trials are left
+    without a result (the same command finishes them); bad input raises."""
+    from wr_train.tune import run_sweep
+    try:
+        report = run_sweep(sweep_config(args))
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    if report["missing"]:
+        print(report["scores_md"])
+        why = f"{len(report['failed'])} failed" if report["failed"] else "interrupted"
+        print(f"{prog}: {len(report['missing'])} trial(s) without a result ({why}: "
+              f"{', '.join(report['missing'][:3])}{', …' if len(report['missing']) > 3 else ''}); "
+              f"run the same command again to finish them", file=sys.stderr)
+        return 1
+    print(report["scores_md"])
+    print(report["sweep_dir"])
+    return 0
 
 
 def pretrain_config(args):
@@ -261,6 +363,8 @@ def _dispatch(args) -> int:
                    heldout=args.heldout, text_field=args.text_field, text_column=args.text_column)
     elif args.cmd == "pretrain":
         return pretrain_main(args)
+    elif args.cmd == "sweep":
+        return sweep_main(args)
     elif args.cmd == "export":
         from wr_train.export import export_checkpoint
         export_checkpoint(args.checkpoint, args.out, license=args.license, widget=args.widget)
@@ -280,7 +384,7 @@ def _dispatch(args) -> int:
         return check_shards_main(args)
     elif args.cmd == "demo":
         from wr_train.demo.run import run_demo
-        run_demo(args.out, steps=args.steps, verbose=args.verbose)
+        run_demo(args.out, steps=args.steps, verbose=args.verbose, report_to=args.report_to)
     return 0
 
 

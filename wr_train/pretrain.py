@@ -304,7 +304,7 @@ def _save_and_report(engine, metrics: dict, cfg: PretrainConfig, stream_state: d
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # Ray has persisted it (or failed to)
     dist.barrier()  # every rank's files are in storage
     metrics.update(save_s=round(time.time() - start, 3), save_write_s=round(written - start, 3))
-    w.log(f"{_where(stage, at)} checkpoint {checkpoint.checkpoint_name(at.step)} saved in {run_dir} "
+    w.log(f"{_where(stage, at)} checkpoint saved: {storage.join(run_dir, checkpoint.checkpoint_name(at.step))} "
           f"({metrics['save_s']:.1f}s: {metrics['save_write_s']:.1f}s writing, "
           f"{metrics['save_s'] - metrics['save_write_s']:.1f}s upload)")
     if w.rank == 0:

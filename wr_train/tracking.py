@@ -22,6 +22,7 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from wr_train import storage
@@ -122,7 +123,7 @@ class Trackers:
             import wandb
             self.wandb_run = wandb.init(
                 project=os.environ.get("WANDB_PROJECT", "wr-train"), name=self.run_name,
-                id=ids.get("wandb_run_id") or wandb.util.generate_id(), resume="allow",
+                id=ids.get("wandb_run_id") or uuid.uuid4().hex[:12], resume="allow",
                 config=self.config, dir=os.environ.get("WANDB_DIR"), reinit="create_new")
             ids["wandb_run_id"] = self.wandb_run.id
         if ids != self._ids():

@@ -21,10 +21,12 @@ multi-node cluster STORAGE must be s3:// or a shared filesystem; the model and t
 travel to the trials via Ray's object store (the model is written once per node under
 $TMPDIR/wr-train-models/<sha>/ and reused).
 
-Entry point: `run_sweep(...)` (ray_jobs/tune_clue.py, the demo, bench/reproduce.py).
+Entry point: `run_sweep(SweepConfig(...))` (`wr-train sweep`, ray_jobs/tune_clue.py, the demo,
+bench/reproduce.py).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -43,14 +45,42 @@ from ray import tune
 
 from wr_train import s3
 from wr_train import storage as store
+from wr_train.config import ConfigError, check_plain_name
 from wr_train.local_ray import ensure_ray, root_cause_line
+from wr_train.tracking import TrackingError, check_installed, parse_report_to
 from wr_train.tune_report import add_scores_to_card, pct, write_report
 from wr_train.tune_trials import (SEED_BATCH_SIZES, SEED_EPOCHS, SEED_LRS, SweepError, TrialSpec,
                                   best_by_task, build_grid, checkpoint_path, dev_key, read_trials,
                                   trial_path)
 
+@dataclasses.dataclass
+class SweepConfig:
+    """One sweep: a model, tasks and the grid (`wr-train sweep` / ray_jobs/tune_clue.py)."""
+    model_dir: str                       # exported HuggingFace directory (wr-train export)
+    tasks: object                        # names, or "a,b,c" / "all"
+    data_dir: str                        # one directory per task
+    storage: str = "results"             # local dir or s3://; the sweep lives in STORAGE/NAME
+    name: str | None = None              # default clue-<model>; the same name resumes
+    epochs: tuple = SEED_EPOCHS
+    batch_sizes: tuple = SEED_BATCH_SIZES
+    lrs: tuple = SEED_LRS
+    seeds: int = 1
+    max_train_examples: int = 0          # 0 = all
+    max_eval_examples: int = 0
+    seq_length: int = 128
+    asha: bool = False
+    save_best: bool = True
+    cpus_per_trial: float | None = None
+    gpus_per_trial: float = 0.0          # what each trial asks Ray for (0: CPU trials)
+    max_concurrent: int | None = None
+    max_failures: int = 3                # retries of a failed trial (spot nodes come and go)
+    model_name: str | None = None        # the model's name in the score table
+    report_to: str = "tensorboard"       # also mlflow, wandb: every trial through Tune's callbacks
+    verbose: bool = False
+    overrides: tuple = ()                # further FinetuneConfig key=value (warmup=0.1, ...)
+
+
 MODEL_SKIP = (".png", ".md")  # export extras trials do not need
-MAX_FAILURES = 3              # retries of a failed trial (spot nodes come and go)
 TUNE_DIR = "tune"             # Tune's experiment directory inside the sweep's
 
 
@@ -304,48 +334,40 @@ def _default_name(model_dir: str) -> str:
     return "clue-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", default_model_name(model_dir)).strip("-")
 
 
-def run_sweep(model_dir: str, tasks, data_dir: str, storage: str | None = None,
-              name: str | None = None, epochs=SEED_EPOCHS, batch_sizes=SEED_BATCH_SIZES,
-              lrs=SEED_LRS, seeds: int = 1, max_train_examples: int = 0,
-              log: Callable[[str], None] = print, *, seq_length: int = 128,
-              max_eval_examples: int = 0, asha: bool = False, save_best: bool = True,
-              cpus_per_trial: float | None = None, gpus_per_trial: float = 0.0,
-              max_concurrent: int | None = None, model_name: str | None = None,
-              verbose: bool = False, overrides=(), max_failures: int = MAX_FAILURES) -> dict:
+def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the grid; return {"sweep_dir", "scores_md" (= "table"), "scores", "best",
     "score", "trials_run", "trials_skipped", "failed", "missing"} (missing: keys of grid
     trials without a result, e.g. after a failure or Ctrl-C; running again completes them).
-
-    `tasks`: names or "a,b,c"; `storage`: local dir or s3:// (default ./results);
-    `name`: the sweep's name (default clue-<model>); `overrides`: further FinetuneConfig
-    `key=value`s (e.g. warmup=0.1); `gpus_per_trial`: GPUs each trial asks Ray for (0: CPU
-    trials); `max_failures`: retries of a failed trial. Everything is checked before any
-    trial starts.
+    Everything is checked before any trial starts.
     """
     from wr_train.hf import check_hf_dir
     from wr_train.finetune import config_from_overrides
     from wr_train.tasks import load_tasks, parse_task_list
     # local paths as the user's shell means them: trials run in Ray's directories
-    storage = store.absolute(storage or "results")
-    model_dir, data_dir = store.absolute(str(model_dir)), store.absolute(str(data_dir))
+    storage = store.absolute(cfg.storage or "results")
+    model_dir, data_dir = store.absolute(str(cfg.model_dir)), store.absolute(str(cfg.data_dir))
+    tasks, epochs, batch_sizes, lrs = cfg.tasks, cfg.epochs, cfg.batch_sizes, cfg.lrs
 
     # -- everything that can be wrong with the input fails here, before Ray starts
     check_hf_dir(model_dir)
     names = parse_task_list(tasks) if isinstance(tasks, str) else list(tasks)
     loaded = load_tasks(names, data_dir)
-    specs = build_grid(list(loaded), list(epochs), list(batch_sizes), list(lrs), seeds)
+    specs = build_grid(list(loaded), list(epochs), list(batch_sizes), list(lrs), cfg.seeds)
     base = dataclasses.asdict(config_from_overrides(
-        overrides, seq_length=seq_length, max_train_examples=max_train_examples,
-        max_eval_examples=max_eval_examples))
-    if cpus_per_trial is not None and not cpus_per_trial > 0:
-        raise SweepError(f"--cpus-per-trial {cpus_per_trial}: expected a positive number (Ray refuses 0)")
-    if gpus_per_trial < 0 or (max_concurrent is not None and max_concurrent < 1):
+        cfg.overrides, seq_length=cfg.seq_length, max_train_examples=cfg.max_train_examples,
+        max_eval_examples=cfg.max_eval_examples))
+    if cfg.cpus_per_trial is not None and not cfg.cpus_per_trial > 0:
+        raise SweepError(f"--cpus-per-trial {cfg.cpus_per_trial}: expected a positive number (Ray refuses 0)")
+    if cfg.gpus_per_trial < 0 or (cfg.max_concurrent is not None and cfg.max_concurrent < 1):
         raise SweepError("--gpus-per-trial must be >= 0 and --max-concurrent >= 1")
-    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
-        raise SweepError(f"--max-failures {max_failures}: expected an integer >= 0")
-    name = name or _default_name(model_dir)
-    if not re.fullmatch(r"[A-Za-z0-9_.=+-]+", name):
-        raise SweepError(f"--name {name!r}: use letters, digits and _ . = + - only")
+    if isinstance(cfg.max_failures, bool) or not isinstance(cfg.max_failures, int) or cfg.max_failures < 0:
+        raise SweepError(f"--max-failures {cfg.max_failures}: expected an integer >= 0")
+    try:
+        trackers = parse_report_to(cfg.report_to)
+        check_installed(trackers)
+        name = check_plain_name(_default_name(model_dir) if cfg.name is None else cfg.name, "--name")
+    except (TrackingError, ConfigError) as e:
+        raise SweepError(str(e)) from None
     sweep_dir = store.join(storage, name)
     store.check_writable(sweep_dir)
     files = model_files(model_dir)
@@ -355,7 +377,7 @@ def run_sweep(model_dir: str, tasks, data_dir: str, storage: str | None = None,
             "finetune": {k: base[k] for k in ("seq_length", "max_train_examples", "max_eval_examples",
                                               "warmup", "weight_decay", "clip")},
             "grid": {"epochs": list(epochs), "batch_sizes": list(batch_sizes), "lrs": list(lrs),
-                     "seeds": seeds}, "asha": asha}
+                     "seeds": cfg.seeds}, "asha": cfg.asha}
     meta = _check_resume(sweep_dir, meta)
 
     finished = {k: r for k, r in read_trials(sweep_dir).items()
@@ -369,12 +391,11 @@ def run_sweep(model_dir: str, tasks, data_dir: str, storage: str | None = None,
 
     failed: list[str] = []
     if pending:
-        failed = _run_tune(pending, specs, finished, loaded, files, model_sha, base, sweep_dir,
-                           save_best, asha, cpus_per_trial, gpus_per_trial, max_concurrent,
-                           log, verbose, model_dir, max_failures)
+        failed = _run_tune(cfg, _Grid(pending, specs, finished, loaded), files, model_sha, base,
+                           sweep_dir, model_dir, trackers, log)
     records = {k: r for k, r in read_trials(sweep_dir).items() if k in {s.key for s in specs}}
     report = write_report(sweep_dir, specs, records, loaded, meta,
-                          model_name or default_model_name(model_dir), log)
+                          cfg.model_name or default_model_name(model_dir), log)
     missing = report["scores"]["missing"]
     if add_scores_to_card(str(model_dir), report["scores_md"]):  # model_dir is local (check_hf_dir)
         log(f"[tune] added the score table to the model card {Path(model_dir, 'README.md')}")
@@ -405,10 +426,21 @@ def _check_resume(sweep_dir: str, meta: dict) -> dict:
     return meta
 
 
-def _run_tune(pending, specs, finished, loaded, files, model_sha, base, sweep_dir, save_best,
-              asha, cpus_per_trial, gpus_per_trial, max_concurrent, log, verbose, model_dir,
-              max_failures) -> list[str]:
+@dataclasses.dataclass
+class _Grid:
+    """The sweep's trials: those to run, all of them, those done, the tasks they read."""
+    pending: list
+    specs: list
+    finished: dict
+    loaded: dict
+
+
+def _run_tune(cfg: SweepConfig, grid: _Grid, files: dict, model_sha: str, base: dict, sweep_dir: str,
+              model_dir: str, trackers: tuple, log) -> list[str]:
     import ray
+    pending, specs, finished, loaded = grid.pending, grid.specs, grid.finished, grid.loaded
+    asha, cpus_per_trial, gpus_per_trial = cfg.asha, cfg.cpus_per_trial, cfg.gpus_per_trial
+    max_concurrent, verbose, max_failures = cfg.max_concurrent, cfg.verbose, cfg.max_failures
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then prints no tables
     ensure_ray(verbose=verbose)  # attaches to the cluster when RAY_ADDRESS is set
@@ -428,7 +460,7 @@ def _run_tune(pending, specs, finished, loaded, files, model_sha, base, sweep_di
     # along, never the keys; trials get those as the driver did (env, profile, instance role).
     payload = {"model_files": files, "model_sha": model_sha, "tasks": {t: loaded[t] for t in
                {s.task for s in pending}}, "base_config": base, "sweep_dir": sweep_dir,
-               "save_best": save_best, "model_dir": str(model_dir),
+               "save_best": cfg.save_best, "model_dir": str(model_dir),
                "gpus_per_trial": gpus_per_trial,
                "env": s3.settings_env() if store.is_s3(sweep_dir) else {}}
     trainable = tune.with_resources(tune.with_parameters(_trial, payload=payload), resources)
@@ -453,11 +485,53 @@ def _run_tune(pending, specs, finished, loaded, files, model_sha, base, sweep_di
         run_config=tune.RunConfig(name=posixpath.basename(root),
                                   storage_path=posixpath.dirname(root),
                                   storage_filesystem=fs if store.is_s3(sweep_dir) else None,
-                                  verbose=0, callbacks=[progress],
+                                  verbose=0, callbacks=[progress, *tracker_callbacks(trackers, sweep_dir)],
                                   failure_config=tune.FailureConfig(max_failures=max_failures)),
     )
-    tuner.fit()
+    with _keys_not_copied_to_trials():
+        tuner.fit()
     return progress.failed
+
+
+# Ray Tune copies these from the driver's environment into every trial actor's runtime_env
+# (ray.tune.execution.class_cache), which Ray keeps in the actor's spec and its runtime-env
+# agent writes to its log: kept out here; trials get credentials as every Ray worker does
+# (the node's environment, profile, instance role).
+TUNE_COPIED_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
+                    "AWS_SESSION_TOKEN")
+
+
+@contextlib.contextmanager
+def _keys_not_copied_to_trials():
+    from ray.tune.execution import class_cache
+    copied = class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.ENV_VARS_TO_PROPAGATE = set(copied) - set(TUNE_COPIED_KEYS)
+    try:
+        yield
+    finally:
+        class_cache.ENV_VARS_TO_PROPAGATE = copied
+
+
+def tracker_callbacks(trackers: tuple, sweep_dir: str) -> list:
+    """Tune's own logger callbacks for --report-to mlflow / wandb: one tracked run per trial,
+    its config as params and every epoch's results (TensorBoard events are Tune's default,
+    in STORAGE/NAME/tune/). Where they log comes from this process's environment
+    (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME; WANDB_PROJECT, WANDB_MODE, WANDB_DIR)."""
+    out = []
+    name = posixpath.basename(sweep_dir.rstrip("/"))
+    if "mlflow" in trackers:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+        out.append(MLflowLoggerCallback(
+            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
+            experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", "wr-train"),
+            tags={"wr_train.sweep": name}))
+    if "wandb" in trackers:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+        settings = {k: os.environ[v] for k, v in (("mode", "WANDB_MODE"), ("dir", "WANDB_DIR"))
+                    if os.environ.get(v)}
+        out.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "wr-train"), group=name,
+                                       **settings))
+    return out
 
 
 def _trial_dirname(trial) -> str:

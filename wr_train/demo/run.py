@@ -61,7 +61,8 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def run_demo(out: str = "demo_out", steps: int | None = None, verbose: bool = False) -> dict:
+def run_demo(out: str = "demo_out", steps: int | None = None, verbose: bool = False,
+             report_to: str = "tensorboard") -> dict:
 
     from wr_train.config import load_config
     from wr_train.corpus import preprocess
@@ -102,7 +103,7 @@ def run_demo(out: str = "demo_out", steps: int | None = None, verbose: bool = Fa
     else:
         print(f"reusing {shards}")
 
-    cfg = load_config("demo-tiny", [f"storage={root / 'runs'}", "name=demo-tiny"])
+    cfg = load_config("demo-tiny", [f"storage={root / 'runs'}", "name=demo-tiny", f"report_to={report_to}"])
     precision = cpu_precision(cfg.precision)
     if precision != cfg.precision:  # emulated bf16 is slower than fp32
         print(f"this CPU has no AMX (hardware bf16): pretraining in {precision}")
@@ -123,17 +124,17 @@ def run_demo(out: str = "demo_out", steps: int | None = None, verbose: bool = Fa
         print(fill_mask_table(str(hf), text, top_k=5))
 
     _banner("6/6 fine-tune on the six stand-in tasks with Ray Tune (reduced grid)")
-    from wr_train.tune import run_sweep
-    sweep = timed("tune", lambda: run_sweep(
+    from wr_train.tune import SweepConfig, run_sweep
+    sweep = timed("tune", lambda: run_sweep(SweepConfig(
         str(hf), DEMO_TASKS, str(root / "tasks"), storage=str(root / "results"), name="demo",
         epochs=DEMO_GRID["epochs"], batch_sizes=DEMO_GRID["batch_sizes"], lrs=DEMO_GRID["lrs"],
         max_train_examples=DEMO_GRID["max_train_examples"],
-        max_eval_examples=DEMO_GRID["max_eval_examples"]))
+        max_eval_examples=DEMO_GRID["max_eval_examples"], report_to=report_to)))
     print(sweep["table"])
     print(f"\n(reduced grid for the demo: epochs {DEMO_GRID['epochs']}, batch {DEMO_GRID['batch_sizes']}, "
           f"lr {DEMO_GRID['lrs']}, first {DEMO_GRID['max_train_examples']} train / "
           f"{DEMO_GRID['max_eval_examples']} dev and test examples per task; "
-          f"`python ray_jobs/tune_clue.py` runs the seed's full 18-point grid by default)")
+          f"`wr-train sweep` runs the seed's full 18-point grid by default)")
     timings["total"] = round(time.time() - t0, 1)
     summary = {"out": str(root), "checkpoint": last, "hf": str(hf), "timings_s": timings,
                "pretrain_eval": final}
