@@ -10,7 +10,7 @@ What runs, each in a fresh child process so no run inherits another's memory:
   -> the same Parquet shards (`corpus.chunk_rows` + `shards.ShardWriter`), no Ray.
 - plain2: the same loop in two forked processes, each on every other chunk (no Ray): what
   2 cores give without any framework (UER-py's preprocess works this way).
-- ray:    `corpus.preprocess` on a local Ray started with num_cpus=CPUS before the clock
+- ray:    `preprocess.preprocess` on a local Ray started with num_cpus=CPUS before the clock
   starts, its workers warm and the tree idle (Ray's and Ray Data's start-up are excluded
   from throughput, not from memory, and shown in the start-up column).
 Corpus: the demo corpus (`wr-train data demo`), and the same files 10 times over
@@ -85,7 +85,7 @@ def wait_until_idle(window: float = 1.0, busy_cpus: float = 0.1, timeout: float 
 def child(args) -> None:
     import numpy as np
 
-    from wr_train import corpus, text
+    from wr_train import preprocess as corpus, text
     startup = 0.0
     if args.child == "ray":
         t_start = time.perf_counter()
@@ -151,7 +151,7 @@ def child(args) -> None:
 
 def plain_loop(args, chunks: list[dict], out: str) -> tuple[int, int]:
     """read -> clean -> encode -> pack -> Parquet, one chunk after the other."""
-    from wr_train import corpus, shards
+    from wr_train import preprocess as corpus, shards
     from wr_train.tokenizer import load_spm
     sp = load_spm(args.spm)
     writer = shards.ShardWriter(out, args.seq_length, shards.ROWS_PER_SHARD)

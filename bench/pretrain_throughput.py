@@ -176,7 +176,7 @@ def bench_shards(text: Path, spm_dir: Path, cache: Path) -> Path:
     """The text packed by `wr-train preprocess` (made once into the cache; no held-out part)."""
     import ray
 
-    from wr_train.corpus import preprocess
+    from wr_train.preprocess import preprocess
     shards = cache / "shards32k-128"
     if not (shards / "manifest.json").exists():
         preprocess([str(text)], str(spm_dir), str(shards), seq_length=SEQ, heldout=0, log=lambda *a: None)

@@ -69,7 +69,7 @@ def build_tokenizers(work: Path, corpus: str, word_vocab: int) -> dict[str, Path
 
 
 def build_shards(work: Path, corpus: str, spms: dict[str, Path], seq: int) -> dict[str, dict]:
-    from wr_train.corpus import preprocess
+    from wr_train.preprocess import preprocess
     from wr_train.shards import load_manifest
     out = {}
     for kind, spm_dir in spms.items():

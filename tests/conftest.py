@@ -111,7 +111,7 @@ def tiny_spm(tmp_path_factory, small_corpus) -> Path:
 
 @pytest.fixture(scope="session")
 def shards128(tmp_path_factory, ray_local, small_corpus, tiny_spm) -> Path:
-    from wr_train.corpus import preprocess
+    from wr_train.preprocess import preprocess
     out = tmp_path_factory.mktemp("shards") / "s128"
     preprocess(small_corpus, str(tiny_spm), str(out), seq_length=128)
     return out

@@ -9,7 +9,7 @@ from wr_train.tokenizer import CLS, MASK, PAD, SEP, UNK, train_spm
 
 def test_char_pipeline_end_to_end(tmp_path, ray_local, small_corpus, demo_dir):
     from wr_train import pretrain
-    from wr_train.corpus import preprocess
+    from wr_train.preprocess import preprocess
     from wr_train.shards import load_manifest
     from wr_train.export import export_checkpoint, fill_mask_table
     from wr_train.finetune import FinetuneConfig, finetune

@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from wr_train import corpus, storage
-from wr_train.corpus import preprocess
+from wr_train import preprocess as corpus, storage
+from wr_train.preprocess import preprocess
 from wr_train.packing import heldout_pieces, pack_flat
 from wr_train.shards import BLOCK_ROWS, CorpusError, ShardWriter, load_manifest, read_eval_rows, read_rows
 from wr_train.text import MAX_DOC_CHARS, Source, clean_documents, plan_chunks, read_chunk, split_long_line
@@ -204,7 +204,7 @@ def test_ten_mb_line_memory_is_bounded(tmp_path, tiny_spm, demo_dir):
     path = tmp_path / "long.txt"
     write_long_line(path, demo_dir, 10 << 20)
     probe = ("import json, os, resource, sys\n"
-             "from wr_train import corpus\nfrom wr_train.tokenizer import load_spm\n"
+             "from wr_train import preprocess as corpus\nfrom wr_train.tokenizer import load_spm\n"
              "sp = load_spm(sys.argv[1]); f = sys.argv[2]\n"
              "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
              "chunk = {'path': f, 'format': 'txt', 'field': '', 'start': 0, 'end': os.path.getsize(f)}\n"

@@ -109,7 +109,7 @@ def test_checkpoint_missing_a_rank_file_is_refused(pretrained_run, tmp_path):
 
 def test_two_stage_recipe_switches_seq_length(ray_local, small_corpus, tiny_spm, shards128, tmp_path):
     from wr_train.config import StageConfig
-    from wr_train.corpus import preprocess
+    from wr_train.preprocess import preprocess
     shards64 = tmp_path / "s64"
     preprocess(small_corpus[:1], str(tiny_spm), str(shards64), seq_length=64)
     cfg = pretrain_cfg(shards64, tmp_path, "two", steps=10)

@@ -358,7 +358,7 @@ def _dispatch(args) -> int:
         train_spm(args.corpus, args.out, args.vocab_size, char=args.char, input_sentence_size=args.sample,
                   text_field=args.text_field, text_column=args.text_column)
     elif args.cmd == "preprocess":
-        from wr_train.corpus import preprocess
+        from wr_train.preprocess import preprocess
         preprocess(args.corpus, args.spm, args.out, seq_length=args.seq_length, packing=args.packing,
                    heldout=args.heldout, text_field=args.text_field, text_column=args.text_column)
     elif args.cmd == "pretrain":

@@ -71,7 +71,7 @@ class Manifest:
     seconds: float = 0.0
     heldout: float = 0.0          # share of documents held out (by a hash of their text)
     eval: dict = field(default_factory=dict)      # the held-out rows: rows, documents, tokens, files
-    unigram: dict = field(default_factory=dict)   # the floor a model must beat (corpus.unigram_floor)
+    unigram: dict = field(default_factory=dict)   # the floor a model must beat (preprocess.unigram_floor)
 
 
 # ---------------------------------------------------------------- the id column

@@ -44,7 +44,7 @@ from typing import Callable
 from ray import tune
 
 from wr_train import s3
-from wr_train import storage as store
+from wr_train import storage
 from wr_train.config import ConfigError, check_plain_name
 from wr_train.local_ray import ensure_ray, root_cause_line
 from wr_train.tracking import TrackingError, check_installed, parse_report_to
@@ -175,9 +175,9 @@ def _trial(config: dict, payload: dict) -> None:
         rec = _record(spec, result, "done")
         if save_dir and _beats_finished(sweep_dir, rec):
             dest = checkpoint_path(sweep_dir, spec.key)
-            store.copy_tree(save_dir, dest, progress=False)
+            storage.copy_tree(save_dir, dest, progress=False)
             rec["checkpoint"] = dest
-    store.write_text(trial_path(sweep_dir, spec.key), json.dumps(rec, indent=1))
+    storage.write_text(trial_path(sweep_dir, spec.key), json.dumps(rec, indent=1))
     tune.report(last[-1])
 
 
@@ -265,8 +265,8 @@ class _Progress(tune.Callback):
     def _complete(self, trial):
         spec = self._spec(trial)
         path = trial_path(self.sweep_dir, spec.key)
-        if store.exists(path):
-            rec = json.loads(store.read_text(path))
+        if storage.exists(path):
+            rec = json.loads(storage.read_text(path))
         else:  # stopped by the scheduler before it could write its record
             last = self.last.get(spec.key, {})
             result = {"dev_acc": last.get("best_dev_acc"), "dev_f1": last.get("best_dev_f1"),
@@ -274,7 +274,7 @@ class _Progress(tune.Callback):
                       "best_epoch": last.get("best_epoch"), "majority_dev": last.get("majority_dev"),
                       "epochs": self.history.get(spec.key, [])}
             rec = _record(spec, result, "stopped_early")
-            store.write_text(path, json.dumps(rec, indent=1))
+            storage.write_text(path, json.dumps(rec, indent=1))
         self.records[spec.key] = rec
         self._prune(spec.task)
         done = sum(1 for k in self.specs if k in self.records)
@@ -291,9 +291,9 @@ class _Progress(tune.Callback):
         best = max(recs, key=dev_key)
         for r in recs:
             if r is not best and r.get("checkpoint"):
-                store.remove_tree(r["checkpoint"])
+                storage.remove_tree(r["checkpoint"])
                 r["checkpoint"] = None
-                store.write_text(trial_path(self.sweep_dir, r["key"]), json.dumps(r, indent=1))
+                storage.write_text(trial_path(self.sweep_dir, r["key"]), json.dumps(r, indent=1))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         spec = self._spec(trial)
@@ -344,8 +344,8 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print) -> dict:
     from wr_train.finetune import config_from_overrides
     from wr_train.tasks import load_tasks, parse_task_list
     # local paths as the user's shell means them: trials run in Ray's directories
-    storage = store.absolute(cfg.storage or "results")
-    model_dir, data_dir = store.absolute(str(cfg.model_dir)), store.absolute(str(cfg.data_dir))
+    root = storage.absolute(cfg.storage or "results")
+    model_dir, data_dir = storage.absolute(str(cfg.model_dir)), storage.absolute(str(cfg.data_dir))
     tasks, epochs, batch_sizes, lrs = cfg.tasks, cfg.epochs, cfg.batch_sizes, cfg.lrs
 
     # -- everything that can be wrong with the input fails here, before Ray starts
@@ -368,8 +368,8 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print) -> dict:
         name = check_plain_name(_default_name(model_dir) if cfg.name is None else cfg.name, "--name")
     except (TrackingError, ConfigError) as e:
         raise SweepError(str(e)) from None
-    sweep_dir = store.join(storage, name)
-    store.check_writable(sweep_dir)
+    sweep_dir = storage.join(root, name)
+    storage.check_writable(sweep_dir)
     files = model_files(model_dir)
     model_sha = fingerprint(files)
     meta = {"model": str(model_dir), "model_sha256": model_sha, "data": str(data_dir),
@@ -405,9 +405,9 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print) -> dict:
 
 
 def _check_resume(sweep_dir: str, meta: dict) -> dict:
-    path = store.join(sweep_dir, "sweep.json")
-    if store.exists(path):
-        old = json.loads(store.read_text(path))
+    path = storage.join(sweep_dir, "sweep.json")
+    if storage.exists(path):
+        old = json.loads(storage.read_text(path))
         if old.get("model_sha256") != meta["model_sha256"]:
             raise SweepError(f"{sweep_dir}: this sweep was run with another model ({old.get('model')}); "
                              f"use a new --name")
@@ -422,7 +422,7 @@ def _check_resume(sweep_dir: str, meta: dict) -> dict:
         meta["created"] = old.get("created")
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
     meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    store.write_text(path, json.dumps(meta, indent=1))
+    storage.write_text(path, json.dumps(meta, indent=1))
     return meta
 
 
@@ -462,7 +462,7 @@ def _run_tune(cfg: SweepConfig, grid: _Grid, files: dict, model_sha: str, base: 
                {s.task for s in pending}}, "base_config": base, "sweep_dir": sweep_dir,
                "save_best": cfg.save_best, "model_dir": str(model_dir),
                "gpus_per_trial": gpus_per_trial,
-               "env": s3.settings_env() if store.is_s3(sweep_dir) else {}}
+               "env": s3.settings_env() if storage.is_s3(sweep_dir) else {}}
     trainable = tune.with_resources(tune.with_parameters(_trial, payload=payload), resources)
     scheduler = None
     if asha:
@@ -474,7 +474,7 @@ def _run_tune(cfg: SweepConfig, grid: _Grid, files: dict, model_sha: str, base: 
                          max_failures)
     # Tune's experiment directory (per-trial results, TensorBoard events, error files) is
     # STORAGE/NAME/tune/, beside the sweep's own files; each trial's folder is its key + id.
-    fs, root = store.resolve(store.join(sweep_dir, TUNE_DIR))
+    fs, root = storage.resolve(storage.join(sweep_dir, TUNE_DIR))
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search([dataclasses.asdict(s) for s in pending])},
@@ -484,7 +484,7 @@ def _run_tune(cfg: SweepConfig, grid: _Grid, files: dict, model_sha: str, base: 
                                     trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=posixpath.basename(root),
                                   storage_path=posixpath.dirname(root),
-                                  storage_filesystem=fs if store.is_s3(sweep_dir) else None,
+                                  storage_filesystem=fs if storage.is_s3(sweep_dir) else None,
                                   verbose=0, callbacks=[progress, *tracker_callbacks(trackers, sweep_dir)],
                                   failure_config=tune.FailureConfig(max_failures=max_failures)),
     )

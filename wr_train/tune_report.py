@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from wr_train import storage as store
+from wr_train import storage
 from wr_train.tune_trials import TrialSpec, best_by_task, read_trials, trial_path
 
 CARD_SCORES = "\n## Fine-tuning\n"
@@ -110,9 +110,9 @@ def write_report(sweep_dir: str, specs: list[TrialSpec], records: dict[str, dict
             best[task]["checkpoint"], best[task]["checkpoint_trial"] = rec["checkpoint"], rec["key"]
     for rec in records.values():
         if rec.get("checkpoint") and rec["checkpoint"] not in keep:
-            store.remove_tree(rec["checkpoint"])
+            storage.remove_tree(rec["checkpoint"])
             rec["checkpoint"] = None
-            store.write_text(trial_path(sweep_dir, rec["key"]), json.dumps(rec, indent=1))
+            storage.write_text(trial_path(sweep_dir, rec["key"]), json.dumps(rec, indent=1))
     grid = {**meta["grid"], "seq_length": meta["finetune"]["seq_length"],
             "max_train_examples": meta["finetune"]["max_train_examples"]}
     md = scores_markdown(model_name, task_names, best, grid, totals)
@@ -128,12 +128,12 @@ def write_report(sweep_dir: str, specs: list[TrialSpec], records: dict[str, dict
         "trials": [records[s.key] for s in specs if s.key in records],
         "missing": [s.key for s in specs if s.key not in records],
     }
-    store.write_text(store.join(sweep_dir, "scores.json"), json.dumps(scores, indent=1))
-    store.write_text(store.join(sweep_dir, "scores.md"), f"# CLUE fine-tuning: {model_name}\n\n" + md)
+    storage.write_text(storage.join(sweep_dir, "scores.json"), json.dumps(scores, indent=1))
+    storage.write_text(storage.join(sweep_dir, "scores.md"), f"# CLUE fine-tuning: {model_name}\n\n" + md)
     png = _plot(model_name, task_names, best, scores["trials"])
     if png is not None:
-        store.write_bytes(store.join(sweep_dir, "scores.png"), png)
-    log(f"[tune] wrote {store.join(sweep_dir, 'scores.md')}, scores.json, scores.png; "
+        storage.write_bytes(storage.join(sweep_dir, "scores.png"), png)
+    log(f"[tune] wrote {storage.join(sweep_dir, 'scores.md')}, scores.json, scores.png; "
         f"Score (mean best dev) {pct(score)}")
     return {"sweep_dir": sweep_dir, "scores_md": md, "table": md, "scores": scores, "best": best,
             "score": score}

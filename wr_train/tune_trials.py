@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from wr_train import storage as store
+from wr_train import storage
 
 SEED_EPOCHS = (3, 5, 8)
 SEED_BATCH_SIZES = (32, 64)
@@ -98,15 +98,15 @@ def dev_key(rec: dict) -> tuple:
 
 def read_trials(sweep_dir: str, task: str | None = None) -> dict[str, dict]:
     """key -> record of every finished trial under sweep_dir/trials/ (of one task)."""
-    trials_dir = store.join(sweep_dir, "trials")
-    if not store.exists(trials_dir):
+    trials_dir = storage.join(sweep_dir, "trials")
+    if not storage.exists(trials_dir):
         return {}
     out = {}
     mine = re.compile(rf"{re.escape(task)}-e\d+-b\d+-lr[^/]*\.json") if task else None
-    for rel in store.list_files(trials_dir):
+    for rel in storage.list_files(trials_dir):
         if rel.endswith(".json") and "/" not in rel and (mine is None or mine.fullmatch(rel)):
             try:
-                rec = json.loads(store.read_text(store.join(trials_dir, rel)))
+                rec = json.loads(storage.read_text(storage.join(trials_dir, rel)))
             except ValueError:
                 continue  # a torn file cannot exist (atomic writes); ignore foreign junk
             out[rel[:-len(".json")]] = rec
@@ -114,11 +114,11 @@ def read_trials(sweep_dir: str, task: str | None = None) -> dict[str, dict]:
 
 
 def trial_path(sweep_dir: str, key: str) -> str:
-    return store.join(sweep_dir, "trials", f"{key}.json")
+    return storage.join(sweep_dir, "trials", f"{key}.json")
 
 
 def checkpoint_path(sweep_dir: str, key: str) -> str:
-    return store.join(sweep_dir, "checkpoints", key)
+    return storage.join(sweep_dir, "checkpoints", key)
 
 
 def best_by_task(records) -> dict[str, dict]:

@@ -65,7 +65,7 @@ def run_demo(out: str = "demo_out", steps: int | None = None, verbose: bool = Fa
              report_to: str = "tensorboard") -> dict:
 
     from wr_train.config import load_config
-    from wr_train.corpus import preprocess
+    from wr_train.preprocess import preprocess
     from wr_train.demo.data import build_demo
     from wr_train.export import export_checkpoint, fill_mask_table
     from wr_train.machine import cpu_precision
