@@ -9,7 +9,13 @@ every run, and jobs sent with `ray job submit --runtime-env cluster/runtime_env.
 - a job with a bad config ends FAILED with the one-line reason in its logs;
 - a reduced CLUE sweep (export on the head, then ray_jobs/tune_clue.py) on the cluster;
 - recognisable fake S3 keys (given to the nodes as an instance profile would) appear in
-  nothing the jobs wrote: run dirs, checkpoints, metrics, sweeps, model card, logs;
+  nothing the jobs wrote: run dirs, checkpoints, metrics, sweeps, model card, job logs, and
+  every file of Ray's session directories, spilled objects included (the nodes spill every
+  object they can, and a watcher reads the spill files while they exist: the sweep's task
+  payload is among them);
+- docs/cluster.md's stop-and-resume commands, run as written (bucket renamed, `--gpu`
+  swapped for this CPU cluster's short-run flags): submit, `ray job stop`, `ray job delete`,
+  the same submit again, and the run resumes from its last complete checkpoint;
 - SIGKILL of one training worker process, and the loss of the second node (all its processes
   SIGKILLed, then a replacement joins as an autoscaler would add one): the job resumes from the
   last complete checkpoint and ends with the configured step count, its losses those of the
@@ -27,12 +33,14 @@ import os
 import random
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -46,13 +54,15 @@ from tests.s3server import S3Server, _die_with_parent, _PRCTL
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "cluster.md"
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 WR_TRAIN = str(BIN / "wr-train")
 NODE_IP = "127.0.0.2"
-# Recognisable fake keys: the S3 server below accepts exactly these.
-CANARY_KEY = "AKIAWRCANARY7Q3XZ9LK"
-CANARY_SECRET = "wrCanarySecret+9f3kQ0xLeakCheck7Hb2Zp1Vd4T"
+# Recognisable fake keys, new each session (so no file of this repo, uploaded with every
+# job's working_dir, holds them): the S3 server below accepts exactly these.
+CANARY_KEY = "AKIAWRC" + "".join(random.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", k=13))
+CANARY_SECRET = "wrCanary+" + secrets.token_hex(16)
 BUCKET = "wrc-runs"
 SHARDS = f"s3://{BUCKET}/shards128"
 RUNS = f"s3://{BUCKET}/runs"
@@ -61,15 +71,21 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 PORT_RANGE = (23000, 29999)  # below weed's P+10000 ports (30000+) and the ephemeral range
 
 
+# The tiny run's flags and overrides (pretrain(), and the docs' commands on this cluster).
+# fp32, not demo-tiny's bf16: on a CPU without bf16 hardware (no AMX, no AVX512-BF16) torch
+# emulates bf16 matmuls, ~300x slower (a 2048² product: 92 s against 0.3 s on one core).
+SHORT_RUN = ["--steps", str(STEPS), "--workers", "2", "cpus_per_worker=1", "checkpoint_every=10",
+             "report_every=5", "stages.0.global_batch=16", "stages.0.micro_batch=8", "stages.0.lr=1e-3",
+             "precision=fp32"]
+
+
 def pretrain(name: str, *overrides: str) -> list[str]:
     """The tiny pretraining job's entrypoint. Each node offers 1 CPU and each worker needs 1,
     so Ray must place the two workers on the two nodes (and each worker trains with one
     torch thread, where resume is exact to the bit). The key=value overrides stay together at
     the end: argparse takes positionals in one run."""
     return ["python", "ray_jobs/pretrain.py", "--config", "demo-tiny", "--shards", SHARDS,
-            "--steps", str(STEPS), "--workers", "2", "--storage", RUNS, "--name", name,
-            "cpus_per_worker=1", "checkpoint_every=10", "report_every=5",
-            "stages.0.global_batch=16", "stages.0.micro_batch=8", "stages.0.lr=1e-3", *overrides]
+            "--storage", RUNS, "--name", name, *SHORT_RUN, *overrides]
 
 
 def free_ports(count: int) -> list[int]:
@@ -170,6 +186,9 @@ class LocalCluster:
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # teardown without a drain wait
             # the GCS notices a lost node in ~5 s instead of ~15 s (test speed only)
             "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5",
+            # every object that lives in the object store goes to a spill file in the node's
+            # session directory as well, so the leak check below sees what payloads hold
+            "RAY_object_spilling_threshold": "0.0", "RAY_min_spilling_size": "1",
             # What an instance profile gives a node on AWS: credentials in its environment
             # chain, nothing in the repo or in the job's flags.
             "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
@@ -322,6 +341,32 @@ def s3_shards(canary_s3, shards128) -> str:
     return SHARDS
 
 
+class SpillWatcher:
+    """Reads every spill file of the cluster's nodes while it exists (Ray deletes one when
+    its object is freed): {path: bytes}, each file's largest version."""
+
+    def __init__(self, root: Path):
+        self.root, self.files = root, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="spill-watch")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.3):
+            for p in self.root.glob("*/session_2*/ray_spilled_objects*/*"):
+                try:
+                    data = p.read_bytes()
+                except OSError:
+                    continue  # deleted meanwhile
+                if len(data) > len(self.files.get(str(p), b"")):
+                    self.files[str(p)] = data
+
+    def stop(self) -> dict[str, bytes]:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.files
+
+
 @pytest.fixture(scope="module")
 def cluster(canary_s3):
     c = LocalCluster(canary_s3)
@@ -331,8 +376,11 @@ def cluster(canary_s3):
         print(f"[cluster] head up after {time.monotonic() - t0:.1f}s", flush=True)
         c.add_node("node2")
         print(f"[cluster] node2 joined after {time.monotonic() - t0:.1f}s", flush=True)
+        c.spills = SpillWatcher(c.tmp)
         yield c
     finally:
+        if getattr(c, "spills", None):
+            c.spills.stop()
         c.stop()
 
 
@@ -543,10 +591,55 @@ def test_loss_of_a_node_recovers_on_a_replacement(cluster, canary_s3, e2e):
     assert placed == {cluster.nodes["head"].node_id, lost.node_id, replacement.node_id}
 
 
+def doc_block(*needles: str, starts: str = "") -> str:
+    """The one ```bash block of docs/cluster.md that starts with `starts` and holds every needle."""
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", DOCS.read_text(), re.S)
+              if b.startswith(starts) and all(n in b for n in needles)]
+    assert len(blocks) == 1, (needles, blocks)
+    return blocks[0]
+
+
+def as_run_here(block: str) -> str:
+    """A docs command for this cluster: the test bucket for `my-bucket`, and for `--gpu` the
+    short CPU run of pretrain() (so the run is e2e's and its metrics compare)."""
+    assert "s3://my-bucket/" in block and " --gpu " in block, block
+    return block.replace("s3://my-bucket/", f"s3://{BUCKET}/").replace(
+        " --gpu ", " " + shlex.join(SHORT_RUN) + " ")
+
+
+def run_doc(cluster, block: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """A block as the docs' reader runs it: bash, repo root, RAY_ADDRESS and the token set."""
+    proc = subprocess.run(["bash", "-eo", "pipefail", "-c", block], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**cluster.env, "RAY_ADDRESS": cluster.dashboard})
+    if check:
+        assert proc.returncode == 0, f"{block}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_docs_stop_and_resume_commands_as_written(cluster, canary_s3, e2e):
+    """docs/cluster.md, sections 3 and 4: submit demo1, stop it once it has a checkpoint,
+    delete it, submit the same command again: the run resumes and ends where e2e ended."""
+    submit = as_run_here(doc_block("--submission-id demo1 ", "ray_jobs/pretrain.py", starts="ray job submit"))
+    resume = as_run_here(doc_block("ray job stop demo1", "ray job delete demo1"))
+    assert submit.strip() in resume  # "the same command again"
+    run_doc(cluster, submit)
+    cluster.submitted.append("demo1")
+    _wait_for_checkpoint(cluster, canary_s3, "demo1", "demo1")
+    # why the docs say to delete first: Ray 2.60 refuses a submission id that exists
+    refused = run_doc(cluster, submit, check=False)
+    assert refused.returncode != 0 and "already exists" in refused.stdout + refused.stderr, refused
+    followed = run_doc(cluster, resume)  # ends with `ray job logs -f demo1`: until the job ends
+    assert "resuming from" in followed.stdout, followed.stdout[-3000:]
+    job = cluster.wait("demo1", 60)
+    assert job["status"] == "SUCCEEDED", job_tail(cluster, "demo1")
+    _assert_resumed(cluster, canary_s3, e2e, "demo1", "demo1")
+
+
 def test_credentials_appear_in_nothing_the_jobs_wrote(cluster, canary_s3, local_copy):
     """Last, so it sees every job of this module: every object in the bucket except our own
     upload (runs, checkpoints, metrics, sweep results), the pulled copy and its export (model
-    card), every job's logs, and the Ray log files of the nodes' workers and job drivers."""
+    card), every job's logs, every file under the nodes' Ray session directories (logs,
+    runtime_resources, GCS files) and every spill file seen while the jobs ran."""
     blobs = {f"s3://{BUCKET}/{k}": v for k, v in s3_objects(canary_s3).items()
              if not k.startswith("shards128/")}
     assert any(k.endswith("/state.json") for k in blobs) and any(k.endswith("metrics.jsonl") for k in blobs)
@@ -557,11 +650,19 @@ def test_credentials_appear_in_nothing_the_jobs_wrote(cluster, canary_s3, local_
     assert str(local_copy / "hf" / "README.md") in blobs and str(local_copy / "ckpt" / "state.json") in blobs
     for sid in cluster.submitted:
         blobs[f"job {sid} logs"] = cluster.logs(sid).encode()
-    logs = [p for p in cluster.tmp.glob("*/session_2*/logs/**/*")
-            if p.is_file() and re.match(r"(worker-|job-driver-|python-core-worker-|ray-train-)", p.name)]
-    assert logs
-    for p in logs:
-        blobs[str(p)] = p.read_bytes()
+    session = [p for p in cluster.tmp.glob("*/session_2*/**/*") if p.is_file() and not p.is_socket()]
+    logs = [p for p in session if re.match(r"(worker-|job-driver-|python-core-worker-|ray-train-)", p.name)]
+    assert logs and len(session) > len(logs)
+    for p in session:
+        try:
+            blobs[str(p)] = p.read_bytes()
+        except OSError:
+            pass  # a file Ray removed meanwhile
+    spilled = cluster.spills.stop()
+    # the sweep's payload (the model's files for its trials) was among the spilled objects:
+    # a key in it would have been seen
+    assert any(b"model.safetensors" in data for data in spilled.values()), sorted(spilled)[:10]
+    blobs.update(spilled)
     for needle in (CANARY_KEY, CANARY_SECRET):
         leaked = [name for name, data in blobs.items() if needle.encode() in data]
         assert not leaked, f"{needle[:8]}… found in {leaked}"
