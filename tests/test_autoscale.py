@@ -138,4 +138,5 @@ def test_gpu_sweep_makes_the_autoscaler_launch_a_gpu_node(fake_cluster, tiny_mod
     assert f"SweepError: trial {KEY}: Ray gave it GPU 0 on " in failed[0], failed[0]
     assert "finds no CUDA device there" in failed[0] and "--gpus-per-trial 0" in failed[0], failed[0]
     assert done.returncode == 1 and "1 trial(s) without a result (1 failed" in done.stderr, out[-4000:]
+    assert "Traceback" not in out, out[-6000:]
     assert not (tmp_path / "gpu" / "trials").exists()

@@ -443,6 +443,8 @@ def _run_tune(cfg: SweepConfig, grid: _Grid, files: dict, model_sha: str, base: 
     max_concurrent, verbose, max_failures = cfg.max_concurrent, cfg.verbose, cfg.max_failures
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then prints no tables
+    if not verbose:  # a failed trial is one [tune] line; its traceback stays in Tune's error.txt
+        os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     ensure_ray(verbose=verbose)  # attaches to the cluster when RAY_ADDRESS is set
     cluster = ray.cluster_resources()
     resources, fits = trial_resources(cluster, cpus_per_trial, gpus_per_trial)
