@@ -76,6 +76,17 @@ def test_the_bucket_says_its_region(moto, aws_env):
     assert s3.endpoint_label("wr-west") == moto.endpoint
 
 
+def test_storage_paths_use_the_buckets_region(moto, aws_env):
+    """Every wr-train command reaches S3 through storage.resolve: a bucket in us-west-2
+    is written, listed and read with us-west-2's filesystem."""
+    from wr_train import storage
+    path = "s3://wr-west/runs/t.txt"
+    storage.write_text(path, "west")
+    assert storage.resolve(path)[0].region == "us-west-2"
+    assert storage.read_text(path) == "west" and storage.list_files("s3://wr-west/runs") == {"t.txt": 4}
+    assert storage.resolve("s3://wr-frankfurt/x")[0].region == "eu-central-1"
+
+
 def test_explicit_aws_region_wins(moto, aws_env, monkeypatch):
     monkeypatch.setenv("AWS_REGION", "ap-south-1")
     before = head_requests(moto, "wr-frankfurt")

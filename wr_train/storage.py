@@ -67,7 +67,7 @@ def resolve(path) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it): "bucket/key" for S3, an absolute path locally."""
     if is_s3(path):
         bucket, key = _split_s3(path)
-        return s3.filesystem(), f"{bucket}/{key}" if key else bucket
+        return s3.filesystem(bucket), f"{bucket}/{key}" if key else bucket  # the bucket's own region
     return _LOCAL, os.path.abspath(os.path.expanduser(str(path)))
 
 
@@ -98,7 +98,7 @@ def translate(exc: BaseException, path) -> StorageError:
     text = f"{type(exc).__name__} {exc}"
     if is_s3(path):
         if any(m in text for m in _UNREACHABLE):
-            return StorageError(f"{path}: cannot reach the S3 endpoint {s3.endpoint_label()} "
+            return StorageError(f"{path}: cannot reach the S3 endpoint {s3.endpoint_label(_split_s3(path)[0])} "
                                 f"({_detail(exc)})")
         if any(m in text for m in _DENIED):
             return StorageError(f"{path}: access denied (check AWS credentials)")
