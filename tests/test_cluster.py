@@ -625,14 +625,15 @@ def test_docs_stop_and_resume_commands_as_written(cluster, canary_s3, e2e):
     run_doc(cluster, submit)
     cluster.submitted.append("demo1")
     _wait_for_checkpoint(cluster, canary_s3, "demo1", "demo1")
-    # why the docs say to delete first: Ray 2.60 refuses a submission id that exists
-    refused = run_doc(cluster, submit, check=False)
-    assert refused.returncode != 0 and "already exists" in refused.stdout + refused.stderr, refused
+    # at once (its first command stops the job): the run must still be short of its end
     followed = run_doc(cluster, resume)  # ends with `ray job logs -f demo1`: until the job ends
     assert "resuming from" in followed.stdout, followed.stdout[-3000:]
     job = cluster.wait("demo1", 60)
     assert job["status"] == "SUCCEEDED", job_tail(cluster, "demo1")
     _assert_resumed(cluster, canary_s3, e2e, "demo1", "demo1")
+    # why the docs say to delete first: Ray 2.60 refuses a submission id that exists
+    refused = run_doc(cluster, submit, check=False)
+    assert refused.returncode != 0 and "already exists" in refused.stdout + refused.stderr, refused
 
 
 def test_credentials_appear_in_nothing_the_jobs_wrote(cluster, canary_s3, local_copy):
