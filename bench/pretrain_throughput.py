@@ -58,7 +58,7 @@ from wr_train.optim import param_groups  # noqa: E402
 from wr_train.machine import keep_freed_memory, peak_flops  # noqa: E402
 from wr_train.masking import mask_batch  # noqa: E402
 from wr_train.model import SparseMLM, TargetLayout, build_mlm, flops_per_token  # noqa: E402
-from wr_train.packing import pack_flat  # noqa: E402
+from wr_train.packing import pack_rows  # noqa: E402
 from wr_train.tokenizer import PAD, train_spm  # noqa: E402
 
 SEQ = 128
@@ -87,9 +87,7 @@ def demo_rows(text: Path, spm_dir: Path, n_rows: int) -> np.ndarray:
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(spm_dir / "spm.model"))
     ids = sp.encode(text.read_text(encoding="utf-8").splitlines())
-    lens = np.array([len(d) for d in ids])
-    flat = np.concatenate([np.asarray(d, dtype=np.int32) for d in ids])
-    return pack_flat(flat, lens, [True] * len(ids), SEQ, "full")[0][:n_rows]
+    return pack_rows(ids, [True] * len(ids), SEQ, "full")[:n_rows]
 
 
 def batches(rows: np.ndarray, batch: int, vocab: int, steps: int):

@@ -17,7 +17,7 @@ import pytest
 
 from wr_train import preprocess as corpus, storage
 from wr_train.preprocess import preprocess
-from wr_train.packing import heldout_pieces, pack_flat
+from wr_train.packing import heldout_pieces, pack_rows
 from wr_train.shards import BLOCK_ROWS, CorpusError, ShardWriter, load_manifest, read_eval_rows, read_rows
 from wr_train.text import MAX_DOC_CHARS, Source, clean_documents, plan_chunks, read_chunk, split_long_line
 from wr_train.tokenizer import CLS, NUM_SPECIAL, PAD, SEP, TokenizerError, file_sha256, load_spm
@@ -107,14 +107,6 @@ def naive_pack(docs: list[list[int]], ends: list[bool], seq: int, packing: str) 
 
 
 # ---------------------------------------------------------------- pure functions
-
-def pack_rows(docs_ids: list, ends: list[bool], seq_length: int, packing: str) -> np.ndarray:
-    """pack_flat over a list of encoded pieces (ends[i]: piece i ends its document)."""
-    lens = np.fromiter(map(len, docs_ids), dtype=np.int64, count=len(docs_ids))
-    flat = (np.concatenate([np.asarray(d, dtype=np.int32) for d in docs_ids])
-            if len(docs_ids) else np.zeros(0, np.int32))
-    return pack_flat(flat, lens, ends, seq_length, packing)[0]
-
 
 @pytest.mark.parametrize("packing", ["full", "doc"])
 def test_pack_rows_matches_naive_packing(packing):

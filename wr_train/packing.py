@@ -91,6 +91,15 @@ def pack_flat(flat: np.ndarray, lens: np.ndarray, ends, seq_length: int, packing
     check_packing(packing)
 
 
+def pack_rows(docs_ids: list, ends: list[bool], seq_length: int, packing: str) -> np.ndarray:
+    """pack_flat over a list of encoded pieces (ends[i]: piece i ends its document); the
+    benches' synthetic corpora (bench/gpu_check.py, bench/pretrain_throughput.py) and tests."""
+    lens = np.fromiter(map(len, docs_ids), dtype=np.int64, count=len(docs_ids))
+    flat = (np.concatenate([np.asarray(d, dtype=np.int32) for d in docs_ids])
+            if len(docs_ids) else np.zeros(0, np.int32))
+    return pack_flat(flat, lens, ends, seq_length, packing)[0]
+
+
 def heldout_pieces(texts: list[str], ends, share: float) -> np.ndarray:
     """Which pieces belong to held-out documents (a bool per piece). A document is held
     out when a hash of its first piece falls under `share`: the choice depends only on
