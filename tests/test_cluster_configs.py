@@ -251,9 +251,13 @@ def test_constraints_pin_what_the_suite_runs_with():
     pins; after a dependency change `make constraints` rewrites them), and every package
     wr-train and its test extra name is pinned."""
     from importlib import metadata
+    import site
     import tomllib
     pins = constraints()
-    installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # site-packages only: once setuptools is imported its _vendor folder is on sys.path,
+    # and its vendored copies (older zipp, packaging, ...) are not what pip installed
+    installed = {canonical(d.metadata["Name"]): d.version
+                 for d in metadata.distributions(path=site.getsitepackages())}
     wrong = {n: (v, installed[n]) for n, v in pins.items()
              if n in installed and installed[n].split("+")[0] != v}
     assert not wrong, f"installed versions differ from constraints.txt (run `make constraints`): {wrong}"
