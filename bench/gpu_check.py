@@ -209,8 +209,10 @@ def _environment(dry_run: bool) -> None:
 class _Rows:
     """What RowStream hands masked_batches: unmasked micro-batches of (epochs, row_ids, ids)."""
 
+    accum = 1  # one micro-batch a step
+
     def __init__(self, rows, micro_batch: int):
-        self.rows, self.micro_batch, self.consumed = rows, micro_batch, 0
+        self.rows, self.micro_batch, self.steps = rows, micro_batch, 0
 
     def batches(self):
         import numpy as np

@@ -43,8 +43,9 @@ def run_point(shards: str, overrides: list[str], work: str, name: str) -> dict:
 
 
 def plain_point(shards: str, overrides: list[str], name: str, threads: int = 1) -> dict:
-    """The real loop's math without Ray/DeepSpeed: W ranks' micro-batches per step, their
-    losses averaged as the engines' gradient averaging does."""
+    """The real loop's math without Ray/DeepSpeed: the global batch (the same whatever the
+    worker count) in micro-batches, the gradient the mean over all its targets as
+    engine.train_step makes it."""
     import numpy as np
     import torch
 
@@ -66,12 +67,13 @@ def plain_point(shards: str, overrides: list[str], name: str, threads: int = 1) 
     opt = torch.optim.AdamW(param_groups(mlm, cfg.optim.weight_decay), lr=stage.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     sched = lr_schedule(opt, stage)
-    streams = [masked_batches(RowStream(shards, manifest, seed=cfg.seed, stage=0, rank=r, world=world,
-                                        micro_batch=stage.micro_batch, window=cfg.shuffle_window),
-                              seed=cfg.seed, vocab_size=vocab, mask_cfg=cfg.mask) for r in range(world)]
+    stream = masked_batches(RowStream(shards, manifest, seed=cfg.seed, stage=0, rank=0, world=1,
+                                      global_batch=stage.global_batch, micro_batch=stage.micro_batch,
+                                      partitions=cfg.partitions, window=cfg.shuffle_window),
+                            seed=cfg.seed, vocab_size=vocab, mask_cfg=cfg.mask)
     parts = [eval_set(cfg, shards, manifest, r, world) for r in range(world)]
     held = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-    accum = grad_accum(stage, world)
+    accum = grad_accum(stage.global_batch, stage.micro_batch, 1)
     floor = manifest["unigram"]
 
     def evaluate():
@@ -86,19 +88,18 @@ def plain_point(shards: str, overrides: list[str], name: str, threads: int = 1) 
 
     evals, t0 = {}, time.time()
     for step in range(1, stage.steps + 1):
-        for _ in range(accum):
-            for r in range(world):
-                batch = next(streams[r])
-                loss, _, _ = model(batch.ids, None, batch.layout.to("cpu"))
-                (loss / (accum * world)).backward()
+        batches = [next(stream) for _ in range(accum)]
+        total = sum(b.layout.n for b in batches)
+        for batch in batches:
+            loss, _, n = model(batch.ids, None, batch.layout.to("cpu"))
+            (loss * n / total).backward()
         torch.nn.utils.clip_grad_norm_(mlm.parameters(), cfg.optim.clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % cfg.checkpoint_every == 0 or step == stage.steps:
             evals[step] = evaluate()
-    for s in streams:
-        s.close()
+    stream.close()
     last = evals[stage.steps]
     return {"name": name, "overrides": overrides, "loop": "plain", "steps": stage.steps,
             "steps_s": round(time.time() - t0, 1), "threads": threads,

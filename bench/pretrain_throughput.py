@@ -195,7 +195,8 @@ def stream_loop(size: str, shards: Path, batch: int, steps: int, device, precisi
                          stages=[StageConfig(shards=str(shards), steps=1000, global_batch=batch,
                                              micro_batch=batch, lr=1e-4)]).validate()
     engine = build_engine(cfg, cfg.stages[0], 1, build_mlm(cfg.model, manifest["vocab_size"]).to(device))
-    stream = RowStream(str(shards), manifest, seed=0, stage=0, rank=0, world=1, micro_batch=batch)
+    stream = RowStream(str(shards), manifest, seed=0, stage=0, rank=0, world=1, global_batch=batch,
+                       micro_batch=batch)
     it = masked_batches(stream, seed=0, vocab_size=manifest["vocab_size"], mask_cfg=cfg.mask,
                         pin=device.type == "cuda")
     best = 0.0

@@ -167,7 +167,7 @@ def unnamed(argv: list[str]) -> list[str]:
     return argv[:i] + argv[i + 2:]
 
 
-def resumable(ws, t: Path, saved=(), world: int = 2, rows: int | None = None) -> list[str]:
+def resumable(ws, t: Path, saved=(), world: int = 2, rows: int | None = None, streams=None) -> list[str]:
     """A complete checkpoint of run x saved with overrides `saved` (by `world` workers,
     from shards of `rows` rows); returns the argv of the same run *without* them."""
     from wr_train.config import to_dict
@@ -180,7 +180,7 @@ def resumable(ws, t: Path, saved=(), world: int = 2, rows: int | None = None) ->
     manifests = write_json(ck / "manifests.json", {cfg.stages[0].name: manifest})
     write_json(ck / "state.json", {
         "step": 10, "stage": 0, "stage_name": cfg.stages[0].name, "stage_step": 10, "stage_steps": 20,
-        "world_size": world, "positions": [0] * world, "config": to_dict(cfg),
+        "world_size": world, "streams": streams or [{"batches": 10}] * world, "config": to_dict(cfg),
         "files": {"manifests.json": {"size": Path(manifests).stat().st_size}}})
     return argv
 
@@ -321,7 +321,11 @@ CASES = [
     case("pretrain-output-bias-unknown", lambda ws, t: (pretrain_argv(ws, t, "model.output_bias=log"), "model.output_bias"),
          "expected 'zero' or 'unigram'"),
     # -- pretrain: resuming with other settings
-    case("pretrain-resume-other-workers", lambda ws, t: (resumable(ws, t, world=1), "--workers"), "saved by 1 workers"),
+    case("pretrain-resume-other-workers-zero3", lambda ws, t: (
+        resumable(ws, t, saved=["zero_stage=3"], world=1) + ["zero_stage=3"], "--workers 1"),
+        "saved by 1 workers with ZeRO-3"),
+    case("pretrain-resume-before-partitions", lambda ws, t: (resumable(ws, t, streams=[{"rows": 80}] * 2),
+                                                             "checkpoint_000001"), "before partitions"),
     case("pretrain-resume-other-seed", lambda ws, t: (resumable(ws, t, saved=["seed=7"]), "seed"),
          "saved with seed 7, this run has 42"),
     case("pretrain-resume-other-mask", lambda ws, t: (resumable(ws, t, saved=["mask.prob=0.2"]), "mask.prob"),

@@ -521,13 +521,19 @@ def _wait_for_alive_workers(cluster, sid, job_id, on: str, timeout=300) -> dict:
         time.sleep(2)
 
 
-def _assert_resumed(cluster, s3, e2e, sid, run):
+def _assert_resumed(cluster, s3, e2e, sid, run, workers: int = 2):
+    """The job resumed from a checkpoint of its own and ended where e2e ended; with
+    `workers` 1, on one worker from a checkpoint two saved."""
     logs = cluster.logs(sid)
-    assert "resuming from" in logs, logs[-4000:]
-    resumed = int(re.findall(r"resuming from \S+ \(stage \d+, step (\d+)\)", logs)[-1])
+    if workers == 2:
+        found = re.findall(r"resuming from \S+ \(stage \d+, step (\d+)\)", logs)
+    else:
+        found = re.findall(r"resumed step ([\d,]+) saved by 2 workers on 1 \(ZeRO-2 state re-partitioned\)", logs)
+    assert found, logs[-4000:]
+    resumed = int(found[-1].replace(",", ""))
     assert 10 <= resumed < STEPS
     _, state = latest_state(s3, run)
-    assert state["step"] == STEPS and state["world_size"] == 2
+    assert state["step"] == STEPS and state["world_size"] == workers
     assert last_path(logs).startswith(f"{RUNS}/{run}/checkpoint_")
     # The uninterrupted e2e run is the reference: up to the resumed checkpoint the metrics are
     # the same to the bit (the same run); after it, the resumed run follows the same trajectory
@@ -589,6 +595,28 @@ def test_loss_of_a_node_recovers_on_a_replacement(cluster, canary_s3, e2e):
     _assert_resumed(cluster, canary_s3, e2e, sid, "nodeloss")
     placed = {w["node_id"] for w in cluster.train_workers(job_id)}
     assert placed == {cluster.nodes["head"].node_id, lost.node_id, replacement.node_id}
+
+
+def test_loss_of_a_node_shrinks_an_elastic_run(cluster, canary_s3, e2e):
+    """min_workers=1: when the second node dies, Ray Train restarts the group with the one
+    worker the head has room for, without waiting for a replacement; it resumes the last
+    checkpoint with the ZeRO-2 state of two workers re-partitioned, and ends where e2e did."""
+    alive = {n["node_id"] for n in cluster.list_nodes() if n["state"] == "ALIVE"}
+    second = next((n for name, n in cluster.nodes.items() if name != "head" and n.node_id in alive), None)
+    second = second or cluster.add_node("node4")
+    sid = cluster.submit("elastic", *pretrain("elastic", "max_failures=1", "min_workers=1"))
+    job_id = cluster.wait_for_job_id(sid)
+    t0 = time.monotonic()
+    _wait_for_alive_workers(cluster, sid, job_id, on=second.node_id)
+    _wait_for_checkpoint(cluster, canary_s3, sid, "elastic")
+    second.kill()
+    job = cluster.wait(sid, 400)
+    print(f"[cluster] elastic: done after {time.monotonic() - t0:.1f}s", flush=True)
+    assert job["status"] == "SUCCEEDED", job_tail(cluster, sid)
+    resumed = _assert_resumed(cluster, canary_s3, e2e, sid, "elastic", workers=1)
+    rows = metrics(canary_s3, "elastic")
+    assert {r["workers"] for s, r in rows.items() if s > resumed} == {1}
+    assert len(cluster.train_workers(job_id)) == 3  # two, then one
 
 
 def doc_block(*needles: str, starts: str = "") -> str:

@@ -18,7 +18,8 @@ import pytest
 from wr_train import preprocess as corpus, storage
 from wr_train.preprocess import preprocess
 from wr_train.packing import heldout_pieces, pack_rows
-from wr_train.shards import BLOCK_ROWS, CorpusError, ShardWriter, load_manifest, read_eval_rows, read_rows
+from wr_train.shards import BLOCK_ROWS, ShardError, ShardWriter, load_manifest, read_eval_rows, read_rows
+from wr_train.text import CorpusError
 from wr_train.text import MAX_DOC_CHARS, Source, clean_documents, plan_chunks, read_chunk, split_long_line
 from wr_train.tokenizer import CLS, NUM_SPECIAL, PAD, SEP, TokenizerError, file_sha256, load_spm
 
@@ -369,7 +370,7 @@ def test_heldout_documents_are_packed_apart_with_the_floor(ray_cluster, text_dir
     assert 3 < m["unigram"]["entropy"] < np.log(m["vocab_size"])
     assert load_manifest(str(out)) == m
     (out / "eval" / "part-00000.parquet").write_bytes(b"cut")
-    with pytest.raises(CorpusError, match="eval/part-00000.parquet: missing or truncated"):
+    with pytest.raises(ShardError, match="eval/part-00000.parquet: missing or truncated"):
         load_manifest(str(out))
 
 
@@ -437,7 +438,7 @@ def assert_no_output(out: Path) -> None:
     """Nothing a later stage would take for shards: no OUT, no leftover staging dir."""
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial")]
-    with pytest.raises(CorpusError, match="not a complete shard directory"):
+    with pytest.raises(ShardError, match="not a complete shard directory"):
         load_manifest(str(out))
 
 
@@ -552,7 +553,7 @@ def test_failed_run_leaves_no_shard_dir(ray_cluster, s3, where, error, text_dir,
         assert_no_output(tmp_path / "o")
     else:
         assert not storage.exists(out) or not storage.list_files(out)
-        with pytest.raises(CorpusError, match="not a complete shard directory"):
+        with pytest.raises(ShardError, match="not a complete shard directory"):
             load_manifest(out)
 
 
@@ -563,14 +564,14 @@ def test_load_manifest_refuses_incomplete_dirs(full_run, tmp_path):
     shutil.copytree(src, broken)
     part = sorted(broken.glob("part-*.parquet"))[-1]
     part.write_bytes(part.read_bytes()[:-10])
-    with pytest.raises(CorpusError, match=r"part-\d+\.parquet: missing or truncated shard"):
+    with pytest.raises(ShardError, match=r"part-\d+\.parquet: missing or truncated shard"):
         load_manifest(str(broken))
     part.unlink()
-    with pytest.raises(CorpusError, match="missing or truncated shard"):
+    with pytest.raises(ShardError, match="missing or truncated shard"):
         load_manifest(str(broken))
     (broken / "spm.model").unlink()
-    with pytest.raises(CorpusError, match=r"not a complete shard directory \(no spm.model\)"):
+    with pytest.raises(ShardError, match=r"not a complete shard directory \(no spm.model\)"):
         load_manifest(str(broken))
     (broken / "manifest.json").unlink()
-    with pytest.raises(CorpusError, match=r"not a complete shard directory \(no manifest.json"):
+    with pytest.raises(ShardError, match=r"not a complete shard directory \(no manifest.json"):
         load_manifest(str(broken))

@@ -16,7 +16,8 @@ import pytest
 
 from wr_train import storage
 from wr_train.preprocess import preprocess
-from wr_train.shards import CorpusError, load_manifest, read_eval_rows, read_rows
+from wr_train.shards import load_manifest, read_eval_rows, read_rows
+from wr_train.text import CorpusError
 from wr_train.text import (Source, check_source, chunk_documents, gzip_pieces, list_sources,
                            plan_chunks, read_chunk)
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from tests.conftest import pretrain_cfg, segmentation_tie
 from wr_train import pretrain, storage
-from wr_train.checkpoint import CheckpointError
 from wr_train.export import export_checkpoint, fill_mask_table, import_uer
 from wr_train.hf import ExportError
 from wr_train.masking import IGNORE, mask_batch

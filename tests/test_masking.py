@@ -92,96 +92,98 @@ def test_span_masking_picks_contiguous_spans():
     assert max(runs) <= 30
 
 
-def test_stream_splits_rows_between_workers_and_resumes_exactly(shards128):
+def stream_steps(shards, manifest, steps: int, world: int, start: int = 0, **kw):
+    """The first `steps` global batches from batch `start` as `world` workers read them:
+    [(epochs, row_ids, ids) of the whole global batch, workers' rows in rank order]."""
+    from wr_train.stream import RowStream
+    kw = {"seed": 1, "stage": 0, "global_batch": 48, "micro_batch": 8, **kw}
+    gens = [RowStream(str(shards), manifest, rank=r, world=world, steps=start, **kw).batches()
+            for r in range(world)]
+    accum = [RowStream(str(shards), manifest, rank=r, world=world, **kw).accum for r in range(world)]
+    out = []
+    for _ in range(steps):
+        parts = [next(g) for r, g in enumerate(gens) for _ in range(accum[r])]
+        out.append(tuple(np.concatenate(p) for p in zip(*parts)))
+    return out
+
+
+def test_global_batches_do_not_depend_on_the_worker_count(shards128):
+    """For W in 1, 2, 3, 4 every global step holds the same rows in the same order (the
+    workers' shares side by side), each worker `accum` micro-batches of its share."""
     from wr_train.shards import load_manifest
-    from wr_train.stream import RowStream, epoch_blocks, list_blocks
     manifest = load_manifest(str(shards128))
-    total = manifest["rows"]
-    streams = [RowStream(str(shards128), manifest, seed=1, stage=0, rank=r, world=2, micro_batch=8) for r in (0, 1)]
-    epoch_rows = []
-    for r, st in enumerate(streams):
-        n = sum(b.rows for b in epoch_blocks(list_blocks(str(shards128), manifest), 1, 0, 0, r, 2))
-        it = st.rows()
-        epoch_rows.append([int(next(it)[1]) for _ in range(n)])
-    seen = epoch_rows[0] + epoch_rows[1]
-    assert sorted(seen) == list(range(total))       # one epoch: disjoint and complete
-    # resume at row 1000 of worker 1 continues exactly where the full stream was
-    resumed = RowStream(str(shards128), manifest, seed=1, stage=0, rank=1, world=2, micro_batch=8, consumed=1000)
-    it = resumed.rows()
-    assert [int(next(it)[1]) for _ in range(50)] == epoch_rows[1][1000:1050]
-    # the next epoch is ordered differently
-    it = streams[0].rows()
-    first = [int(next(it)[1]) for _ in range(len(epoch_rows[0]) + 20)]
-    assert first[-20:] != epoch_rows[0][:20]
+    one = stream_steps(shards128, manifest, 40, 1)
+    for world in (2, 3, 4):
+        other = stream_steps(shards128, manifest, 40, world)
+        for step, (a, b) in enumerate(zip(one, other)):
+            assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0]), (world, step)
+            assert np.array_equal(a[2], b[2])
+    assert all(len(s[1]) == 48 for s in one)
 
 
-def test_stream_batches_are_its_rows_in_order_across_windows_and_epochs(shards128):
-    """batches() slices the mixed windows directly; it must hand out exactly rows()'s
-    sequence, micro-batches spanning a window's or an epoch's end included, with each
-    row's own epoch, and from a resume point too."""
+def test_each_row_once_per_epoch_and_a_resume_continues_the_sequence(shards128):
+    """Each partition gives every row of its row groups once before any twice; the
+    stages' sequence is a pure function of the seed; a resume at any step (on any worker
+    count) continues it exactly."""
     from wr_train.shards import load_manifest
     from wr_train.stream import RowStream
     manifest = load_manifest(str(shards128))
-    n = manifest["rows"] * 2 + 37  # into the third epoch, through every window boundary
-
-    def both(consumed):
-        kw = dict(seed=5, stage=0, rank=0, world=1, micro_batch=24, window=2, consumed=consumed)
-        it = RowStream(str(shards128), manifest, **kw).rows()
-        rows = [next(it) for _ in range(n)]
-        it = RowStream(str(shards128), manifest, **kw).batches()
-        batches = [next(it) for _ in range(-(-n // 24))]
-        epochs, row_ids, ids = (np.concatenate(part)[:n] for part in zip(*batches))
-        return rows, epochs, row_ids, ids
-
-    for consumed in (0, 1001):
-        rows, epochs, row_ids, ids = both(consumed)
-        assert epochs.tolist() == [r[0] for r in rows]
-        assert row_ids.tolist() == [int(r[1]) for r in rows]
-        assert np.array_equal(ids, np.stack([r[2] for r in rows]))
-        assert set(epochs.tolist()) == {0, 1, 2}
+    total = manifest["rows"]
+    st = RowStream(str(shards128), manifest, seed=1, stage=0, rank=0, world=1, global_batch=48,
+                   micro_batch=8, partitions=4)
+    assert len(st.partitions) == 4 and sum(p.epoch_rows for p in st.partitions) == total
+    steps = stream_steps(shards128, manifest, 3 * total // 48, 1, partitions=4)
+    taken = {k: [] for k in range(4)}
+    for epochs, row_ids, _ in steps:  # global batch = 12 rows of each partition in turn
+        for k in range(4):
+            taken[k] += list(zip(epochs[12 * k:12 * k + 12].tolist(), row_ids[12 * k:12 * k + 12].tolist()))
+    for k, part in enumerate(st.partitions):
+        rows = [r for e, r in taken[k] if e == 0]
+        assert len(rows) == part.epoch_rows == len(set(rows)), k     # once each in epoch 0
+        assert {r for e, r in taken[k] if e == 1} <= set(rows)          # the same rows again
+    firsts = [set(r for e, r in taken[k] if e == 0) for k in range(4)]
+    assert sorted(set().union(*firsts)) == list(range(total))          # the partitions cover the corpus
+    for start, world in ((7, 2), (1000 // 48, 3), (len(steps) - 5, 1)):
+        resumed = stream_steps(shards128, manifest, 5, world, start=start, partitions=4)
+        for a, b in zip(resumed, steps[start:start + 5]):
+            assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])
+    other_seed = stream_steps(shards128, manifest, 3, 1, partitions=4, seed=2)
+    assert not np.array_equal(other_seed[0][1], steps[0][1])
 
 
 def test_stream_mixes_many_row_groups_in_every_batch(shards128):
-    """Each micro-batch draws from across the corpus (rows of up to `window` row groups
-    mixed), in an order that is a pure function of the seed; window=1 is the old
-    one-group-at-a-time order, whose batches come from one or two neighbourhoods."""
+    """Each global batch draws from across the corpus (every partition, each mixing its
+    share of `window` row groups), in an order that is a pure function of the seed; one
+    partition and window=1 is the old one-group-at-a-time order, whose batches come from
+    one or two neighbourhoods."""
     from wr_train.shards import BLOCK_ROWS, load_manifest
-    from wr_train.stream import RowStream
     manifest = load_manifest(str(shards128))
     assert manifest["rows"] >= 8 * BLOCK_ROWS  # enough groups for the claim to mean something
 
-    def first_batches(window, seed=1, n=20):
-        st = RowStream(str(shards128), manifest, seed=seed, stage=0, rank=0, world=1, micro_batch=32,
-                       window=window)
-        it = st.batches()
-        return [next(it)[1] for _ in range(n)]
+    def first_batches(window, partitions=16, seed=1, n=20):
+        return [s[1] for s in stream_steps(shards128, manifest, n, 1, global_batch=32, window=window,
+                                           partitions=partitions, seed=seed)]
 
     mixed = first_batches(16)
     groups = [len(set((ids // BLOCK_ROWS).tolist())) for ids in mixed]
     assert min(groups) >= 6, groups
-    assert max(len(set((ids // BLOCK_ROWS).tolist())) for ids in first_batches(1)) <= 2
+    assert max(len(set((ids // BLOCK_ROWS).tolist())) for ids in first_batches(1, partitions=1)) <= 2
     again = first_batches(16)
     assert all(np.array_equal(a, b) for a, b in zip(mixed, again))          # same seed, same order
     assert not np.array_equal(np.concatenate(mixed), np.concatenate(first_batches(16, seed=2)))
 
 
-def test_stream_window_keeps_each_row_once_per_epoch_and_resumes(shards128):
+def test_workers_read_only_their_partitions(shards128):
+    """When the worker count divides the partitions, each row group is read by one worker."""
     from wr_train.shards import load_manifest
     from wr_train.stream import RowStream
     manifest = load_manifest(str(shards128))
-    total = manifest["rows"]
-    seen = []
-    for r in range(3):
-        st = RowStream(str(shards128), manifest, seed=3, stage=1, rank=r, world=3, micro_batch=8, window=4)
-        it = st.rows()
-        mine = sum(b.rows for w in st._windows(0) for b in w)
-        seen.append([int(next(it)[1]) for _ in range(mine)])
-    assert sorted(sum(seen, [])) == list(range(total))
-    half = len(seen[2]) // 2
-    resumed = RowStream(str(shards128), manifest, seed=3, stage=1, rank=2, world=3, micro_batch=8,
-                        window=4, consumed=half)
-    it = resumed.rows()
-    assert [int(next(it)[1]) for _ in range(40)] == seen[2][half:half + 40]
+    mine = []
+    for r in range(4):
+        st = RowStream(str(shards128), manifest, seed=1, stage=0, rank=r, world=4, global_batch=48,
+                       micro_batch=8, partitions=8)
+        mine.append({b for part, *_ in st._mine() for b in part.blocks})
+    assert all(len(m) == 4 for m in mine) and len(set().union(*mine)) == 16
 
 
 def test_fixed_eval_targets_never_change():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -38,7 +37,8 @@ def parity_cfg(shards, storage, name, workers=1) -> PretrainConfig:
 
 
 def hf_losses(cfg: PretrainConfig, shards: str) -> list[float]:
-    """The plain loop: BertForMaskedLM's own loss over the worker's micro-batches."""
+    """The plain loop: BertForMaskedLM's own loss over the worker's micro-batches, the
+    gradient the mean over the step's targets (HF Trainer's `num_items_in_batch`)."""
     from transformers import get_linear_schedule_with_warmup
 
     from wr_train.shards import load_manifest
@@ -54,19 +54,20 @@ def hf_losses(cfg: PretrainConfig, shards: str) -> list[float]:
                             betas=cfg.optim.betas, eps=cfg.optim.eps)
     sched = get_linear_schedule_with_warmup(opt, max(1, int(stage.warmup * stage.steps)), stage.steps)
     stream = RowStream(shards, manifest, seed=cfg.seed, stage=0, rank=0, world=1,
-                       micro_batch=stage.micro_batch, window=cfg.shuffle_window)
+                       global_batch=stage.global_batch, micro_batch=stage.micro_batch,
+                       partitions=cfg.partitions, window=cfg.shuffle_window)
     batches = masked_batches(stream, seed=cfg.seed, vocab_size=manifest["vocab_size"], mask_cfg=cfg.mask)
     losses = []
     for _ in range(stage.steps):
-        loss_sum = targets = 0.0
-        for _ in range(accum):
-            batch = next(batches)
+        loss_sum = 0.0
+        step = [next(batches) for _ in range(accum)]
+        targets = sum(int((b.labels != -100).sum()) for b in step)
+        for batch in step:
             ids_t, labels_t = batch.ids, batch.labels
             loss = mlm(input_ids=ids_t, attention_mask=(ids_t != PAD).long(), labels=labels_t).loss
-            (loss / accum).backward()
             n = int((labels_t != -100).sum())
+            (loss * n / targets).backward()
             loss_sum += loss.item() * n
-            targets += n
         torch.nn.utils.clip_grad_norm_(mlm.parameters(), cfg.optim.clip)
         opt.step()
         sched.step()
@@ -137,7 +138,7 @@ def test_two_workers_zero2_match_one_worker_on_the_same_global_batches(ray_local
     two = parity_cfg(shards128, tmp_path, "two", workers=2)
     two.zero_stage = 2
     stream = RowStream(str(shards128), manifest, seed=one.seed, stage=0, rank=0, world=1,
-                       micro_batch=MICRO, window=one.shuffle_window)
+                       global_batch=2 * MICRO, micro_batch=MICRO, window=one.shuffle_window)
     gen = masked_batches(stream, seed=one.seed, vocab_size=manifest["vocab_size"], mask_cfg=one.mask)
     micro = [next(gen) for _ in range(2 * STEPS)]   # global batch k = micro-batches 2k, 2k+1
     gen.close()

@@ -66,9 +66,11 @@ class TrainState:
     stage_step: int = 0            # steps within the stage
     streams: list | None = None    # each rank's RowStream.state_dict() in the stage (mid-stage)
     history: list = field(default_factory=list)  # every metrics row of the run (rank 0)
+    trained_s: float = 0.0         # seconds of training so far (a wall-clock budget's clock)
+    fits: int = 0                  # a wall-clock budget's fits of the current stage's steps
 
     def next_stage(self) -> None:
-        self.stage, self.stage_step, self.streams = self.stage + 1, 0, None
+        self.stage, self.stage_step, self.streams, self.fits = self.stage + 1, 0, None, 0
 
     @classmethod
     def of(cls, state: dict, history: list) -> "TrainState":
@@ -76,7 +78,8 @@ class TrainState:
         if streams is None and state.get("positions") is not None:  # saved before streams
             streams = [{"rows": p} for p in state["positions"]]
         return cls(step=state["step"], stage=state["stage"], stage_step=state["stage_step"],
-                   streams=streams, history=history)
+                   streams=streams, history=history, trained_s=float(state.get("trained_s", 0.0)),
+                   fits=int(state.get("fits", 0)))
 
 
 # ---------------------------------------------------------------- finding and verifying
@@ -176,23 +179,26 @@ def latest_complete(run_dir: str, log=print) -> tuple[str, dict] | tuple[None, N
 _RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng/rank_)(\d+)_?")
 
 
-def rank_files(state: dict, rank: int) -> dict[str, dict]:
-    """The files rank `rank` reads to resume: its own ZeRO partition(s) and RNG file and
-    every file that belongs to no rank (the model states of ZeRO 0-2, state.json's
-    neighbours). Other ranks' partitions stay in storage."""
+def rank_files(state: dict, rank: int, world: int | None = None) -> dict[str, dict]:
+    """The files rank `rank` of a `world`-worker resume reads: its own ZeRO partition(s)
+    and RNG file and every file that belongs to no rank (the model states of ZeRO 0-2,
+    state.json's neighbours); other ranks' partitions stay in storage. On another worker
+    count than the checkpoint's every rank reads all partitions (wr_train.reshard
+    re-cuts them), and its own RNG file where the checkpoint has one."""
+    regather = world is not None and world != state["world_size"]
     out = {}
     for rel, meta in state["files"].items():
         m = _RANK_FILE.search(rel)
-        if m is None or int(m.group(1)) == rank:
+        if m is None or int(m.group(1)) == rank or (regather and not rel.startswith("rng/")):
             out[rel] = meta
     return out
 
 
-def fetch_rank_files(ckpt: str, state: dict, rank: int, dest: str) -> int:
+def fetch_rank_files(ckpt: str, state: dict, rank: int, dest: str, world: int | None = None) -> int:
     """Copy rank `rank`'s share of `ckpt` into the local dir `dest` and check each file's
     size and sha256; returns the bytes fetched. DeepSpeed unpickles these files, so
     nothing is loaded that does not match state.json."""
-    share = rank_files(state, rank)
+    share = rank_files(state, rank, world)
     try:
         fetched = storage.copy_files(ckpt, dest, {rel: m["size"] for rel, m in share.items()}, progress=False)
     except storage.StorageError as e:
@@ -213,7 +219,7 @@ def fetch_share(run_dir: str, rank: int, log) -> tuple[str, dict, str, int] | No
         local = tempfile.mkdtemp(prefix=f"wr-resume-r{rank}-")
         error, fetched = None, 0
         try:
-            fetched = fetch_rank_files(ckpt, state, rank, local)
+            fetched = fetch_rank_files(ckpt, state, rank, local, dist.get_world_size())
         except CheckpointError as e:
             error = str(e)
         except BaseException:
@@ -271,7 +277,7 @@ def save(engine, cfg: PretrainConfig, ts: TrainState, stream_state: dict, rank: 
         if rank == 0:
             manifest = load_manifest(stage.shards)
             state = {
-                **asdict(TrainState(ts.step, ts.stage, ts.stage_step, streams, [])),
+                **asdict(TrainState(ts.step, ts.stage, ts.stage_step, streams, [], ts.trained_s, ts.fits)),
                 "stage_name": stage.name, "stage_steps": stage.steps, "world_size": world,
                 "config": to_dict(cfg), "versions": library_versions(),
                 "files": {rel: meta for one in listings for rel, meta in one.items()},
@@ -319,13 +325,27 @@ def forget_ray_snapshot(run_dir: str, log=print) -> None:
 
 # ---------------------------------------------------------------- reading back
 
-def restore(engine, local: str, rank: int) -> None:
+def restore(engine, local: str, rank: int, saved_world: int, world: int) -> None:
     """A mid-stage resume: the engine's weights, optimizer and schedule, and this rank's
-    RNG states (dropout continues exactly), from this rank's fetched share."""
+    RNG states (dropout continues exactly), from this rank's fetched share. On another
+    worker count the fp32 weights and Adam's moments of all saved ranks are gathered and
+    re-cut for this one (wr_train.reshard); a rank the checkpoint had no RNG file for
+    keeps its fresh seed."""
     import torch
-    with hide_prints(verbose=False):
-        engine.load_checkpoint(local, tag=DS_TAG)
-    rng = torch.load(os.path.join(local, "rng", f"rank_{rank}.pt"), weights_only=True)
+
+    from wr_train import reshard
+    if saved_world == world:
+        with hide_prints(verbose=False):
+            engine.load_checkpoint(local, tag=DS_TAG)
+    else:
+        try:
+            reshard.load(engine, reshard.gather(os.path.join(local, DS_TAG), reshard.group_names(engine)))
+        except reshard.ReshardError as e:
+            raise CheckpointError(str(e)) from None
+    path = os.path.join(local, "rng", f"rank_{rank}.pt")
+    if not os.path.exists(path):
+        return
+    rng = torch.load(path, weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -458,9 +478,13 @@ def check_resume(ckpt: str, state: dict, cfg: PretrainConfig, log=print) -> None
     how the run trains (config.training_settings): one line naming the key and both
     values. A begun stage's steps may grow (said in one line); a library version change
     is said and allowed."""
-    if state["world_size"] != cfg.workers:
-        raise CheckpointError(f"{ckpt}: saved by {state['world_size']} workers; resume with "
-                              f"--workers {state['world_size']} (data positions are per worker)")
+    streams = state.get("streams") or []
+    if streams and "batches" not in streams[0]:
+        raise CheckpointError(f"{ckpt}: saved by a wr-train whose data order depended on the worker "
+                              f"count (before partitions); finish it with that version or start a new --name")
+    if state["world_size"] != cfg.workers and 3 in (state["config"].get("zero_stage"), cfg.zero_stage):
+        raise CheckpointError(f"{ckpt}: saved by {state['world_size']} workers with ZeRO-3, whose state "
+                              f"wr-train cannot re-partition yet; resume with --workers {state['world_size']}")
     if state["stage"] >= len(cfg.stages):
         raise CheckpointError(f"{ckpt}: saved in stage {state['stage'] + 1} ({state.get('stage_name')}), "
                               f"this recipe has {len(cfg.stages)} stage(s)")

@@ -129,14 +129,18 @@ def _parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default="demo_out", help="where everything lands (default demo_out; "
                                                      "a second run reuses what is there)")
     dm.add_argument("--steps", type=int, default=None,
-                    help="pretraining steps (default: demo-tiny's 2,400, ~4 min on 2 cores; 12,000, ~19 min, "
-                         "gives a model that reads the context; use a new --out, the same one resumes)")
+                    help="pretraining steps instead of the budget (12,000, ~19 min on 2 cores, gives a model "
+                         "that reads the context; use a new --out, the same one resumes)")
+    dm.add_argument("--budget", default=DEMO_BUDGET,
+                    help=f"pretraining's wall-clock budget (default {DEMO_BUDGET}: the steps are fitted to end "
+                         f"there on this machine); 20m goes further")
     dm.add_argument("--report-to", dest="report_to", default="tensorboard", metavar="TRACKERS",
                     help=REPORT_TO_HELP)
     dm.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return p
 
 
+DEMO_BUDGET = "4m"
 CORPUS_HELP = ("corpus files, dirs or globs, local or s3://: *.txt (one document per line), "
                "*.jsonl (one JSON object per line), *.parquet, and *.txt.gz / *.jsonl.gz; a dir "
                "gives the files with these endings inside it")
@@ -155,8 +159,14 @@ def add_pretrain_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--config", help="recipe YAML/JSON, or a shipped one: demo-tiny, seed-tiny … seed-base")
     t.add_argument("--size", help="model preset: tiny, mini, small, medium, base")
     t.add_argument("--shards", help="shards of a one-stage run (dir or s3://)")
-    t.add_argument("--steps", type=int, help="steps of a one-stage run")
-    t.add_argument("--workers", type=int, help="training workers (Ray Train), one per GPU with --gpu")
+    t.add_argument("--steps", type=int, help="steps of a one-stage run (switches a recipe's budget off)")
+    t.add_argument("--budget", help="train to a budget: wall-clock (30m, 8h: the steps and the schedule are "
+                   "fitted to end there, from the measured step time) or tokens (2e9tok)")
+    t.add_argument("--workers", type=int, help="training workers (Ray Train), one per GPU with --gpu; "
+                   "a resume may use another count (same batches, the optimizer re-partitioned)")
+    t.add_argument("--min-workers", dest="min_workers", type=int,
+                   help="elastic: after a lost node keep training on as few as this many workers, "
+                        "growing back to --workers when the cluster can (docs/cluster.md)")
     t.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker, NCCL, bf16")
     t.add_argument("--storage", help="run storage: dir or s3://bucket/prefix (run goes to STORAGE/NAME)")
     t.add_argument("--name", help="run name; the same name resumes")
@@ -268,8 +278,9 @@ def pretrain_config(args):
     """The resolved PretrainConfig of `wr-train pretrain` / ray_jobs/pretrain.py flags."""
     from wr_train.config import ConfigError, apply_override, load_config
     cfg = load_config(args.config, args.overrides)
-    for flag, key in (("size", "model.size"), ("workers", "workers"), ("storage", "storage"),
-                      ("name", "name"), ("gpu", "gpu"), ("report_to", "report_to")):
+    for flag, key in (("size", "model.size"), ("workers", "workers"), ("min_workers", "min_workers"),
+                      ("storage", "storage"),
+                      ("name", "name"), ("gpu", "gpu"), ("report_to", "report_to"), ("budget", "budget")):
         value = getattr(args, flag)
         if value is not None:
             apply_override(cfg, f"{key}={value}")
@@ -281,6 +292,8 @@ def pretrain_config(args):
             cfg.stages[0].shards = args.shards
         if args.steps is not None:
             cfg.stages[0].steps = args.steps
+            if args.budget is None:
+                cfg.budget = ""  # --steps asks for that many steps
     return cfg.validate(need_shards=not getattr(args, "print_config", False))
 
 
@@ -384,7 +397,7 @@ def _dispatch(args) -> int:
         return check_shards_main(args)
     elif args.cmd == "demo":
         from wr_train.demo.run import run_demo
-        run_demo(args.out, steps=args.steps, verbose=args.verbose, report_to=args.report_to)
+        run_demo(args.out, steps=args.steps, budget=args.budget, verbose=args.verbose, report_to=args.report_to)
     return 0
 
 

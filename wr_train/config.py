@@ -125,7 +125,8 @@ class MaskConfig:
 class PretrainConfig:
     name: str = "wr-run"
     storage: str = "runs"     # dir or s3://bucket/prefix; the run lives in STORAGE/NAME
-    workers: int = 2
+    workers: int = 2          # Ray Train workers (the most, with min_workers)
+    min_workers: int = 0      # elastic: keep training on min_workers..workers (0 = always `workers`)
     gpu: bool = False
     cpus_per_worker: float = 1.0
     seed: int = 42
@@ -137,8 +138,12 @@ class PretrainConfig:
     max_failures: int = 0
     report_every: int = 10
     fail_at_step: int = 0     # fault-injection for tests/drills: rank 0 raises once at this global step
-    shuffle_window: int = 16  # row groups (of ~1k rows each) whose rows a worker mixes at a time
+    shuffle_window: int = 16  # row groups (of ~1k rows each) whose rows are mixed at a time, over all partitions
+    partitions: int = 16      # fixed streams of row groups that every global batch draws from equally (the
+                              # batches do not depend on the worker count); >= workers reads each group once
     eval_rows: int = 1024     # held-out rows evaluated at every checkpoint (0 = no evaluation)
+    budget: str = ""          # train to a budget: wall-clock (30m, 8h) or tokens (2e9tok); sets the stages'
+                              # steps and schedules to end there ("" = the stages' steps)
     report_to: str = "tensorboard"  # trackers, a comma list of tensorboard, mlflow, wandb (or none)
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
@@ -154,6 +159,10 @@ class PretrainConfig:
         check_plain_name(self.name, "name (--name)")
         if self.workers < 1:
             raise ConfigError(f"workers: expected >= 1, got {self.workers}")
+        _in_range("min_workers", self.min_workers, f"0 (a fixed worker count) or 1..workers ({self.workers})",
+                  0 <= self.min_workers <= self.workers)
+        _in_range("partitions", self.partitions, ">= 1 (fixed streams of row groups; at most one per "
+                  "row group is used)", self.partitions >= 1)
         _in_range("seed", self.seed, ">= 0 (numpy seeds are non-negative)", self.seed >= 0)
         _in_range("cpus_per_worker", self.cpus_per_worker, "> 0", self.cpus_per_worker > 0)
         _in_range("keep_checkpoints", self.keep_checkpoints, ">= 1 (checkpoints kept in the run folder)",
@@ -175,6 +184,9 @@ class PretrainConfig:
             raise ConfigError(f"precision: expected auto|fp32|bf16|fp16, got {self.precision!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage: expected 0-3, got {self.zero_stage}")
+        if 0 < self.min_workers < self.workers and self.zero_stage == 3:
+            raise ConfigError(f"min_workers {self.min_workers} with zero_stage 3: an elastic run resumes on "
+                              f"other worker counts, and ZeRO-3 state is not re-partitioned; use zero_stage 1 or 2")
         if not self.stages:
             raise ConfigError("stages: expected at least one stage")
         for i, st in enumerate(self.stages):
@@ -184,7 +196,10 @@ class PretrainConfig:
             _in_range(f"{key}.lr", st.lr, "> 0", st.lr > 0)
             if need_shards and not st.shards:
                 raise ConfigError(f"{key}.shards: expected a shard directory (made by `wr-train preprocess`)")
-            grad_accum(st, self.workers)  # raises on inconsistent batch sizes
+            if st.micro_batch <= 0 or st.global_batch < self.workers:
+                raise ConfigError(f"{key}: expected micro_batch >= 1 and global_batch >= workers (each "
+                                  f"worker takes at least one row), got micro_batch {st.micro_batch}, "
+                                  f"global_batch {st.global_batch}, workers {self.workers}")
             if not 0 <= st.warmup < 1 or not 0 < st.decay <= 1:
                 raise ConfigError(f"{key}.warmup / {key}.decay: expected fractions of the steps, "
                                   f"0 <= warmup < 1 and 0 < decay <= 1 (got {st.warmup}, {st.decay})")
@@ -199,6 +214,8 @@ class PretrainConfig:
             raise ConfigError(str(e)) from None
         if self.eval_rows < 0:
             raise ConfigError(f"eval_rows: expected >= 0, got {self.eval_rows}")
+        from wr_train.budget import parse_budget
+        parse_budget(self.budget)
         m = self.mask
         if not (0 < m.prob < 1 and m.mask_share >= 0 and m.random_share >= 0
                 and m.mask_share + m.random_share <= 1):
@@ -216,14 +233,17 @@ def _in_range(key: str, value, expected: str, ok: bool) -> None:
         raise ConfigError(f"{key}: expected {expected}, got {value}")
 
 
-def grad_accum(stage: StageConfig, workers: int) -> int:
-    """Gradient accumulation that keeps the stage's *global* batch for this worker count."""
-    per_step = stage.micro_batch * workers
-    if stage.micro_batch <= 0 or stage.global_batch <= 0 or stage.global_batch % per_step:
-        raise ConfigError(
-            f"stage {stage.name!r}: global_batch={stage.global_batch} must be a positive multiple of "
-            f"micro_batch × workers = {stage.micro_batch} × {workers} = {per_step}")
-    return stage.global_batch // per_step
+def grad_accum(global_batch: int, micro_batch: int, workers: int) -> int:
+    """Micro-batches per optimizer step on each worker: enough for its share of the global
+    batch at `micro_batch` rows at most (exactly micro_batch rows when the counts divide)."""
+    rows = -(-global_batch // workers)
+    return -(-rows // micro_batch)
+
+
+def worker_rows(global_batch: int, rank: int, workers: int) -> tuple[int, int]:
+    """Worker `rank`'s rows [start, stop) of each global batch: an even split, the
+    global batch the same whatever the worker count."""
+    return rank * global_batch // workers, (rank + 1) * global_batch // workers
 
 
 def _from_dict(cls, data: dict, where: str):
@@ -450,7 +470,7 @@ def from_dict(data: dict) -> PretrainConfig:
 # the top-level keys and mask.*, the saved weights and optimizer states fit only model.*,
 # precision and zero_stage, and each begun stage's schedule is fixed by its batch and lr
 # keys. A begun stage's `steps` may grow (the schedule stretches, said in one line).
-RESUME_TOP = ("seed", "shuffle_window", "precision", "zero_stage", "eval_rows")
+RESUME_TOP = ("seed", "shuffle_window", "partitions", "precision", "zero_stage", "eval_rows")
 RESUME_GROUPS = ("model", "mask", "optim")
 RESUME_STAGE = ("name", "global_batch", "micro_batch", "lr", "warmup", "decay")
 # The value a checkpoint saved before a key existed stands for (else the key is skipped).

@@ -67,7 +67,7 @@ def build_ds_config(cfg: PretrainConfig, stage: StageConfig, world: int) -> dict
     ds = load_ds_file(cfg.ds_config or ("zero2_bf16" if cfg.gpu else "cpu_fp32"))
     if cfg.ds_config:  # the defaults are picked by device only; `precision` overrides theirs
         check_ds_precision(cfg, ds)
-    accum = grad_accum(stage, world)
+    accum = grad_accum(stage.global_batch, stage.micro_batch, world)
     precision = resolve_precision(cfg)
     ds["bf16"] = {"enabled": precision == "bf16"}
     fp16 = ds.get("fp16", {}) if precision == "fp16" else {}

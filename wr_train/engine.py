@@ -32,22 +32,37 @@ def build_engine(cfg: PretrainConfig, stage: StageConfig, world: int, mlm):
 def train_step(engine, batches, device) -> tuple:
     """One optimizer step over `gradient_accumulation_steps` MaskedBatch-es from `batches`.
 
+    The gradient is the mean over every target of the global batch: each micro-batch's
+    summed loss divided by the step's target count over all workers (one all-reduce of a
+    number, on the device), scaled by workers × accumulation, which DeepSpeed divides
+    back out. So it does not depend on how the global batch is cut into micro-batches
+    and workers (a mean per micro-batch would weigh a target by its micro-batch's size),
+    and a run resumed on another worker count takes the same steps.
+
     Returns (sums, targets, tokens): loss × targets and correct predictions summed on the
     device, and the target and non-pad token counts, which the host knew already (the
     masking thread's TargetLayout). Nothing is read back from the device: the loop reads
     the sums once per report (tests/test_host_reads.py holds it to that)."""
     import torch
+    import torch.distributed as dist
+    accum = engine.gradient_accumulation_steps()
+    step = [next(batches) for _ in range(accum)]
+    local = sum(b.layout.n for b in step)
+    total = torch.tensor([float(local)], dtype=torch.float32, device=device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:
+        dist.all_reduce(total)
+    scale = (world * accum) / total.clamp(min=1.0)
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    targets = tokens = 0
-    for _ in range(engine.gradient_accumulation_steps()):
-        batch = next(batches)
+    tokens = 0
+    for batch in step:
         layout = batch.layout.to(device)
         loss, correct, n = engine(batch.ids.to(device, non_blocking=True), None, layout)
-        engine.backward(loss)
+        engine.backward(loss * (n * scale).to(loss.dtype))
         engine.step()
         sums += torch.stack([loss.detach().double() * n, correct.double()])
-        targets, tokens = targets + n, tokens + layout.tokens
-    return sums, targets, tokens
+        tokens += layout.tokens
+    return sums, local, tokens
 
 
 def eval_set(cfg: PretrainConfig, shards: str, manifest: dict, rank: int, world: int):

@@ -160,7 +160,7 @@ def model_card(cfg, state: dict, manifests: dict, history: list[dict], plot: str
         "folder too, with transformers' own ALBERT pipeline: the same ids on text without "
         "spaces, but it drops the spaces otherwise.", "",
         "## Training", "",
-        f"| | |", "|---|---|",
+        "| | |", "|---|---|",
         f"| layers / hidden / heads / FFN | {m.layers} / {m.hidden} / {m.heads} / {m.ffn} |",
         f"| vocabulary | {state['vocab_size']:,} sentencepiece pieces |",
         f"| steps | {state['step']:,} (stopped in stage {state['stage'] + 1}: {state['stage_name']}, "

@@ -19,7 +19,7 @@ import hashlib
 
 import numpy as np
 
-from wr_train.shards import CorpusError
+from wr_train.text import CorpusError
 from wr_train.tokenizer import CLS, PAD, SEP
 
 

@@ -41,9 +41,9 @@ import pyarrow.compute as pc
 from wr_train import s3, storage
 from wr_train.local_ray import ensure_ray, quiet_ray_data, root_cause_line
 from wr_train.packing import check_packing, heldout_pieces, pack_flat
-from wr_train.shards import (EVAL_DIR, MANIFEST, ROWS_PER_SHARD, SPM, TOKEN_COUNTS, CorpusError,
-                             Manifest, ShardWriter, id_column, rows_of)
-from wr_train.text import (CHUNK_BYTES, TEXT_FIELD, Source, check_source, chunk_documents,
+from wr_train.shards import (EVAL_DIR, MANIFEST, ROWS_PER_SHARD, SPM, TOKEN_COUNTS, Manifest,
+                             ShardError, ShardWriter, id_column, rows_of)
+from wr_train.text import (CHUNK_BYTES, TEXT_FIELD, CorpusError, Source, check_source, chunk_documents,
                            list_sources, plan_chunks)
 from wr_train.tokenizer import NUM_SPECIAL, check_spm_dir, file_sha256, load_spm
 
@@ -167,7 +167,7 @@ def _user_error(exc: BaseException) -> BaseException | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (CorpusError, storage.StorageError)):
+        if isinstance(exc, (CorpusError, ShardError, storage.StorageError)):
             return exc
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
     return None
@@ -344,7 +344,7 @@ def _failure(e: BaseException, corpus: list[str], out: str) -> CorpusError | Non
     """The one-line CorpusError a failed run raises (its __cause__ is what it is raised
     from); None: re-raise `e` as it is (KeyboardInterrupt and the like)."""
     found = _user_error(e)
-    if isinstance(found, CorpusError):
+    if isinstance(found, (CorpusError, ShardError)):
         return CorpusError(str(found))
     if isinstance(found, storage.StorageError):
         return CorpusError(f"preprocess: {found}")

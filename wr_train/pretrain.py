@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from wr_train import checkpoint, storage
-from wr_train.checkpoint import CheckpointError, TrainState, check_resume, history_jsonl, latest_complete
+from wr_train.checkpoint import TrainState, check_resume, history_jsonl, latest_complete
 from wr_train.config import ConfigError, PretrainConfig, from_dict, to_dict
 from wr_train.ds_config import build_ds_config, cpu_supports_fp16, resolve_precision, torch_dtype
 from wr_train.engine import build_engine, eval_line, eval_set, evaluate, train_step
 from wr_train.local_ray import ensure_ray, hide_prints, quiet_worker, root_cause_line, train_logging_config
-from wr_train.shards import CorpusError, load_manifest, read_token_counts
+from wr_train.shards import ShardError, load_manifest, read_token_counts
 from wr_train.tracking import TrackingError, check_installed, parse_report_to, tracker_env
 
 
@@ -53,6 +53,7 @@ class _Resume:
     """This rank's fetched share of the checkpoint a run resumes from."""
     source: str      # the checkpoint in storage (for messages)
     local: str       # the local copy of this rank's share (removed once restored)
+    saved_world: int  # the workers that saved it (another count: the state is re-partitioned)
 
 
 def train_worker(loop_config: dict) -> None:
@@ -77,7 +78,7 @@ def train_worker(loop_config: dict) -> None:
         for s in range(ts.stage, len(cfg.stages)):
             engine = _stage_engine(cfg, s, w, weights, resume)
             resume = _drop(resume)
-            _train_stage(cfg, s, run_dir, w, ts, engine, lease)
+            _train_stage(cfg, s, run_dir, w, ts, engine, lease, loop_config.get("budget"))
             weights = checkpoint.full_weights(engine) if s + 1 < len(cfg.stages) else None
             del engine
             ts.next_stage()
@@ -132,20 +133,21 @@ def _resume_point(cfg: PretrainConfig, run_dir: str, w: _Worker) -> tuple[TrainS
     if found is None:
         return TrainState(), None
     source, state, local, fetched = found
-    if state["world_size"] != w.world:
-        shutil.rmtree(local, ignore_errors=True)
-        raise CheckpointError(
-            f"{source}: saved by {state['world_size']} workers, this run has {w.world}; "
-            f"resume with --workers {state['world_size']} (data positions are per worker)")
     total = sum(m["size"] for m in state["files"].values())
-    w.log(f"resuming from {source} (stage {state['stage'] + 1}, step {state['step']}): each rank "
-          f"fetched its share, rank 0 {fetched / 2**20:,.1f} MB of {total / 2**20:,.1f} MB")
+    saved = state["world_size"]
+    if saved == w.world:
+        w.log(f"resuming from {source} (stage {state['stage'] + 1}, step {state['step']}): each rank "
+              f"fetched its share, rank 0 {fetched / 2**20:,.1f} MB of {total / 2**20:,.1f} MB")
+    else:
+        w.log(f"resumed step {state['step']:,} saved by {saved} worker{'s' * (saved > 1)} on {w.world} "
+              f"(ZeRO-{state['config'].get('zero_stage')} state re-partitioned): each rank fetched every "
+              f"partition, {fetched / 2**20:,.1f} MB")
     ts = TrainState.of(state, checkpoint.read_history(local) if w.rank == 0 else [])
-    return ts, _Resume(source, local)
+    return ts, _Resume(source, local, saved)
 
 
 def _train_stage(cfg: PretrainConfig, s: int, run_dir: str, w: _Worker, at: TrainState, engine,
-                 lease: "checkpoint.Lease | None") -> None:
+                 lease: "checkpoint.Lease | None", loop_budget: dict | None = None) -> None:
     """Stage `s` from `at` to its last step: step, report, evaluate and save on schedule."""
     import ray.train
 
@@ -154,27 +156,36 @@ def _train_stage(cfg: PretrainConfig, s: int, run_dir: str, w: _Worker, at: Trai
     stage = cfg.stages[s]
     manifest = load_manifest(stage.shards)
     stream = RowStream(stage.shards, manifest, seed=cfg.seed, stage=s, rank=w.rank, world=w.world,
-                       micro_batch=stage.micro_batch, window=cfg.shuffle_window)
-    if at.streams:  # a mid-stage resume: this rank's place in its order
-        stream.load_state_dict(at.streams[w.rank])
+                       global_batch=stage.global_batch, micro_batch=stage.micro_batch,
+                       partitions=cfg.partitions, window=cfg.shuffle_window)
+    if at.streams:  # a mid-stage resume: the place in the stage's order (the same on every rank)
+        stream.load_state_dict(at.streams[0])
     batches = masked_batches(stream, seed=cfg.seed, vocab_size=manifest["vocab_size"], mask_cfg=cfg.mask,
                              pin=w.device.type == "cuda")
     held_out = eval_set(cfg, stage.shards, manifest, w.rank, w.world) if cfg.eval_rows else None
     if w.peak is None:
         w.peak = peak_flops(w.device, torch_dtype(cfg))
+    accum = engine.gradient_accumulation_steps()
+    split = (f"{stage.micro_batch} × {accum} accum × {w.world} workers"
+             if stage.micro_batch * accum * w.world == stage.global_batch else
+             f"{w.world} workers × ~{stage.global_batch / w.world:.0f} rows in {accum} micro-batches")
     w.log(f"stage {s + 1}/{len(cfg.stages)} {stage.name}: seq {manifest['seq_length']}, {stage.steps} steps, "
-          f"global batch {stage.global_batch} = {stage.micro_batch} × {engine.gradient_accumulation_steps()} "
-          f"accum × {w.world} workers, ZeRO-{engine.zero_optimization_stage()}, {resolve_precision(cfg)}, "
-          f"{w.device}")
+          f"global batch {stage.global_batch} = {split} from {len(stream.partitions)} partitions, "
+          f"ZeRO-{engine.zero_optimization_stage()}, {resolve_precision(cfg)}, {w.device}")
     if cfg.eval_rows and held_out is None:
         w.log(f"no held-out rows in {stage.shards} (made with --heldout 0, or before it existed): "
               f"no evaluation")
+    plan = _clock_plan(cfg, s, at, engine, stage, w, loop_budget)
+    clock0 = time.time() - at.trained_s  # the run's trained seconds go on from the checkpoint's
     meter = _Meter(w.device)
     engine.train()
     while at.stage_step < stage.steps:
         meter.add(*train_step(engine, batches, w.device))
         at.stage_step += 1
         at.step += 1
+        at.trained_s = time.time() - clock0
+        if plan is not None:
+            _follow_plan(plan, engine, stage, manifest, w, at)
         if at.step == cfg.fail_at_step:
             _inject_failure_once(run_dir, w.rank, at.step)
         save = at.stage_step % cfg.checkpoint_every == 0 or at.stage_step == stage.steps
@@ -196,6 +207,44 @@ def _train_stage(cfg: PretrainConfig, s: int, run_dir: str, w: _Worker, at: Trai
     batches.close()
 
 
+def _clock_plan(cfg: PretrainConfig, s: int, at: TrainState, engine, stage, w: _Worker, loop_budget: dict | None):
+    """A wall-clock budget's plan for stage `s` (None without one, or once the stage's
+    steps are fitted twice). Before its first fit a stage runs at least enough steps to
+    measure."""
+    from wr_train.budget import WARM_STEPS, ClockPlan, parse_budget, reshape_schedule
+    budget = parse_budget(cfg.budget)
+    if budget is None or not budget.seconds or at.fits >= 2:
+        return None
+    plan = ClockPlan(budget, loop_budget["shares"], s, at.fits)
+    if at.fits == 0 and stage.steps < 3 * WARM_STEPS:
+        stage.steps = 3 * WARM_STEPS
+        reshape_schedule(engine.lr_scheduler, stage)
+    return plan
+
+
+def _follow_plan(plan, engine, stage, manifest: dict, w: _Worker, at: TrainState) -> None:
+    """Measure, and when the plan is due fit the stage's steps to its deadline: rank 0's
+    clock decides for all (every rank must stop at the same step)."""
+    import torch.distributed as dist
+
+    from wr_train.budget import reshape_schedule
+    from wr_train.optim import schedule_points
+    plan.observe(at.stage_step, at.trained_s)
+    if not plan.due(at.stage_step):
+        return
+    fitted = [plan.fit(at.stage_step, at.trained_s)]
+    dist.broadcast_object_list(fitted, src=0)
+    steps, per_step = fitted[0]
+    at.fits = plan.fits_done
+    stage.steps = max(steps, at.stage_step + 1)
+    reshape_schedule(engine.lr_scheduler, stage)
+    tok_s = stage.global_batch * manifest["seq_length"] / max(per_step, 1e-9)
+    _, decay_from, _ = schedule_points(stage)
+    w.log(f"{_where(stage, at)} budget {plan.budget} ({plan.deadline:.0f}s of training to the end of "
+          f"this stage): ~{stage.steps:,} steps at {tok_s:,.0f} tok/s, decay from step {decay_from:,}"
+          f"{'' if plan.fits_done < 2 else ' (final)'}")
+
+
 def _stage_engine(cfg: PretrainConfig, s: int, w: _Worker, weights: dict | None, resume: _Resume | None):
     """Stage `s`'s engine: restored from this rank's share of a checkpoint saved in this
     stage; else a fresh optimizer on the previous stage's weights (as the seed's recipe
@@ -212,7 +261,7 @@ def _stage_engine(cfg: PretrainConfig, s: int, w: _Worker, weights: dict | None,
     with hide_prints(w.verbose):
         engine = build_engine(cfg, cfg.stages[s], w.world, mlm)
     if resume:
-        checkpoint.restore(engine, resume.local, w.rank)
+        checkpoint.restore(engine, resume.local, w.rank, resume.saved_world, w.world)
     return engine
 
 
@@ -262,6 +311,7 @@ def _report_metrics(meter: _Meter, engine, cfg: PretrainConfig, s: int, manifest
         "lr": float(engine.get_lr()[0]), "tokens_per_s": tok_s,
         "mfu": tok_s * flops / (w.peak * w.world),
         "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
+        "workers": w.world, "trained_s": round(at.trained_s, 3),
         "time": time.time(),
     }
     eta = elapsed / steps * (stage.steps - at.stage_step)
@@ -361,7 +411,7 @@ def preflight(cfg: PretrainConfig) -> None:
         try:
             m = load_manifest(st.shards)
             check_spm(st.shards, m)  # the spm.model beside the shards made their ids
-        except (CorpusError, storage.StorageError) as e:
+        except (ShardError, storage.StorageError) as e:
             raise ConfigError(f"stages.{i}.shards: {e}") from None
         if m["seq_length"] > cfg.model.max_positions:
             raise ConfigError(f"stages.{i}.shards {st.shards}: seq_length {m['seq_length']} exceeds "
@@ -376,7 +426,7 @@ def preflight(cfg: PretrainConfig) -> None:
     if cfg.model.output_bias == "unigram":
         try:
             read_token_counts(cfg.stages[0].shards, vocab)  # every stage has one segmenter (above)
-        except (CorpusError, storage.StorageError) as e:
+        except (ShardError, storage.StorageError) as e:
             raise ConfigError(f"model.output_bias=unigram: {e}") from None
     try:
         check_installed(parse_report_to(cfg.report_to))
@@ -409,19 +459,43 @@ def run(cfg: PretrainConfig, log=_stderr_line, verbose: bool = False) -> str:
     Progress goes to stderr (the workers' lines too), so stdout can carry just the path."""
     cfg = with_absolute_paths(cfg)
     preflight(cfg)
+    budget = _plan_budget(cfg, log)
     run_dir = run_dir_of(cfg)
     try:
         storage.check_writable(run_dir)
     except storage.StorageError as e:
         raise ConfigError(f"--storage {cfg.storage}: {e}") from None
     with checkpoint.Lease(run_dir, log=log).held() as lease:  # one run per name
-        return _fit(cfg, run_dir, lease, log, verbose)
+        return _fit(cfg, run_dir, lease, log, verbose, budget)
 
 
-def _fit(cfg: PretrainConfig, run_dir: str, lease, log, verbose: bool) -> str:
+def _plan_budget(cfg: PretrainConfig, log) -> dict | None:
+    """A budget's split over the stages (their shares of the recipe's tokens); a token
+    budget sets the stages' steps here, a wall-clock one in the workers."""
+    from wr_train.budget import parse_budget, stage_shares, token_steps
+    budget = parse_budget(cfg.budget)
+    if budget is None:
+        return None
+    seqs = [load_manifest(st.shards)["seq_length"] for st in cfg.stages]
+    shares = stage_shares(cfg.stages, seqs)
+    if budget.tokens:
+        for st, steps in zip(cfg.stages, token_steps(cfg, budget, seqs)):
+            st.steps = steps
+        log(f"pretrain: budget {budget}: " + ", ".join(f"{st.name} {st.steps:,} steps" for st in cfg.stages))
+    else:
+        log(f"pretrain: budget {budget} of training: " + ", ".join(
+            f"{st.name} {share:.0%}" for st, share in zip(cfg.stages, shares)) +
+            "; each stage fits its steps to its share once it has measured its step time")
+    return {"shares": shares, "clock": bool(budget.seconds)}
+
+
+def _fit(cfg: PretrainConfig, run_dir: str, lease, log, verbose: bool, budget: dict | None = None) -> str:
     """Check the resume, then train on Ray; returns the last checkpoint's path."""
     checkpoint.forget_ray_snapshot(run_dir, log=log)
     ckpt, state = latest_complete(run_dir, log=log)
+    if state and budget and budget["clock"]:
+        for i in range(min(state["stage"] + 1, len(cfg.stages))):  # the begun stages keep their plan
+            cfg.stages[i].steps = state["config"]["stages"][i]["steps"]
     if state:
         check_resume(ckpt, state, cfg, log=log)
         log(f"pretrain: resuming {run_dir}: its newest complete checkpoint is step {state['step']} "
@@ -433,9 +507,12 @@ def _fit(cfg: PretrainConfig, run_dir: str, lease, log, verbose: bool) -> str:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": run_dir, "verbose": verbose,
-                           "lease": lease.token, "tracker_env": tracker_env()},
+                           "lease": lease.token, "tracker_env": tracker_env(), "budget": budget},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.gpu,
+            # elastic: Ray restarts the group on the workers it can get (each restart resumes
+            # from the last checkpoint, re-partitioned; the batches stay the recipe's)
+            num_workers=(cfg.min_workers, cfg.workers) if 0 < cfg.min_workers < cfg.workers else cfg.workers,
+            use_gpu=cfg.gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})}),
         run_config=ray.train.RunConfig(
             # checkpoints are kept and found by wr_train.checkpoint (rotate, complete_checkpoints)
@@ -444,7 +521,8 @@ def _fit(cfg: PretrainConfig, run_dir: str, lease, log, verbose: bool) -> str:
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             logging_config=train_logging_config(verbose)),
     )
-    log(f"pretrain: {cfg.model.size} model, {len(cfg.stages)} stage(s), {cfg.workers} worker(s) -> {run_dir}")
+    workers = f"{cfg.min_workers}-{cfg.workers}" if 0 < cfg.min_workers < cfg.workers else str(cfg.workers)
+    log(f"pretrain: {cfg.model.size} model, {len(cfg.stages)} stage(s), {workers} worker(s) -> {run_dir}")
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps the worker's exception; keep its last line

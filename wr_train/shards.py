@@ -11,7 +11,7 @@ A shard directory (local or s3://) holds
     token_counts.npy     how often each id occurs in the train rows
     manifest.json        `Manifest`, written last: every file with its size and row groups
 A directory without manifest.json, or whose files do not match it, is incomplete, and
-`load_manifest` refuses it with a one-line CorpusError.
+`load_manifest` refuses it with a one-line ShardError.
 """
 from __future__ import annotations
 
@@ -31,11 +31,13 @@ SPM = "spm.model"
 TOKEN_COUNTS = "token_counts.npy"
 
 
-class CorpusError(ValueError):
-    """Bad corpus, shard or preprocess input; one line naming it and what was expected."""
+class ShardError(ValueError):
+    """A shard directory that is not what `wr-train preprocess` wrote (or a manifest, spm
+    model or count file that does not match it); one line naming the file and what was
+    expected."""
 
 
-class ShardReadError(CorpusError):
+class ShardReadError(ShardError):
     """A row group (or a file's footer) that cannot be read: names the file, the group and
     why; `reason` alone is what `wr-train check-shards` lists."""
 
@@ -197,39 +199,39 @@ def load_manifest(shards: str) -> dict:
     path = storage.join(shards, MANIFEST)
     try:
         if not storage.exists(path):
-            raise CorpusError(f"{shards}: not a complete shard directory (no manifest.json; "
+            raise ShardError(f"{shards}: not a complete shard directory (no manifest.json; "
                               f"made by `wr-train preprocess`)")
         manifest = json.loads(storage.read_text(path))
         listing = storage.list_files(shards)
     except storage.StorageError as e:
-        raise CorpusError(str(e)) from None
+        raise ShardError(str(e)) from None
     except json.JSONDecodeError as e:
-        raise CorpusError(f"{path}: not valid JSON ({e})") from None
+        raise ShardError(f"{path}: not valid JSON ({e})") from None
     if SPM not in listing:
-        raise CorpusError(f"{shards}: not a complete shard directory (no spm.model)")
+        raise ShardError(f"{shards}: not a complete shard directory (no spm.model)")
     for name, info in {**manifest.get("files", {}), **manifest.get("eval", {}).get("files", {})}.items():
         if listing.get(name) != info["size"]:
-            raise CorpusError(f"{shards}/{name}: missing or truncated shard "
+            raise ShardError(f"{shards}/{name}: missing or truncated shard "
                               f"(expected {info['size']} bytes, found {listing.get(name)})")
     return manifest
 
 
 def check_spm(shards: str, manifest: dict) -> None:
     """The folder's spm.model must be the segmenter that made the ids: its sha256 must be
-    the manifest's `spm_sha256`, else a one-line CorpusError naming the file and both
+    the manifest's `spm_sha256`, else a one-line ShardError naming the file and both
     hashes (a swapped spm.model would train and export with the wrong vocabulary)."""
     import hashlib
     path = storage.join(shards, SPM)
     expected = manifest.get("spm_sha256")
     if not expected:
-        raise CorpusError(f"{storage.join(shards, MANIFEST)}: no spm_sha256 (made by an older "
+        raise ShardError(f"{storage.join(shards, MANIFEST)}: no spm_sha256 (made by an older "
                           f"`wr-train preprocess`?); cannot check {SPM}")
     try:
         found = hashlib.sha256(storage.read_bytes(path)).hexdigest()
     except storage.StorageError as e:
-        raise CorpusError(str(e)) from None
+        raise ShardError(str(e)) from None
     if found != expected:
-        raise CorpusError(f"{path}: sha256 {found[:12]}… is not the manifest's spm_sha256 "
+        raise ShardError(f"{path}: sha256 {found[:12]}… is not the manifest's spm_sha256 "
                           f"{expected[:12]}… (not the segmenter that made these shards)")
 
 
@@ -240,10 +242,10 @@ def read_token_counts(shards: str, vocab_size: int) -> np.ndarray:
     try:
         counts = np.load(io.BytesIO(storage.read_bytes(path)))
     except (storage.StorageError, OSError, ValueError) as e:
-        raise CorpusError(f"{path}: expected the train tokens' counts that `wr-train preprocess` "
+        raise ShardError(f"{path}: expected the train tokens' counts that `wr-train preprocess` "
                           f"writes ({e})") from None
     if counts.shape != (vocab_size,):
-        raise CorpusError(f"{path}: expected {vocab_size} counts (the manifest's vocab_size), "
+        raise ShardError(f"{path}: expected {vocab_size} counts (the manifest's vocab_size), "
                           f"found shape {counts.shape}")
     return counts.astype(np.int64)
 

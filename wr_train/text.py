@@ -44,7 +44,13 @@ from typing import Iterator
 import pyarrow as pa
 
 from wr_train import storage
-from wr_train.shards import CorpusError
+
+
+class CorpusError(ValueError):
+    """Corpus or preprocess input that cannot be made into shards (a missing, binary or
+    non-UTF-8 file, a record without its text, a bad --out); one line naming it and what
+    was expected."""
+
 
 CHUNK_BYTES = 8 << 20          # one Ray Data task reads at most this many bytes of text
 MAX_DOC_CHARS = 20_000         # longer lines are encoded in pieces (see module doc)

@@ -72,8 +72,7 @@ def iter_corpus_lines(paths: Iterable[str], text_field: str = "text",
 def corpus_sources(corpus: list[str], text_field: str = "text", text_column: str = "text") -> list:
     """The corpus's files (wr_train.text.Source), each checked to be readable in its
     format: a binary or GBK file would otherwise train a vocab of U+FFFD."""
-    from wr_train.shards import CorpusError
-    from wr_train.text import check_source, list_sources
+    from wr_train.text import CorpusError, check_source, list_sources
     try:
         return [check_source(s, text_field, text_column) if s.bytes > 0 else s
                 for s in list_sources(list(corpus))]

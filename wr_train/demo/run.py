@@ -34,8 +34,8 @@ def pretrain_summary(final: dict, seconds: float) -> str:
     head = (f"pretraining ({final['step']} steps, {seconds:.0f}s): {eval_line(final)}: "
             f"{abs(gap):.2f} nats {'below' if gap >= 0 else 'above'} the floor of a model that "
             f"knows only word frequencies.")
-    longer = ("More steps take it further below: on 2 AMX cores `wr-train demo --steps 12000 --out "
-              "NEW_DIR` (~19 min of pretraining) ends ~2.3 nats below, and fill-mask then names "
+    longer = ("A longer budget takes it further below (`wr-train demo --budget 20m --out NEW_DIR`): "
+              "12,000 steps (~19 min on 2 AMX cores) end ~2.3 nats below, and fill-mask then names "
               "words that fit (curves in bench/RESULTS.md).")
     if gap < 0.05:
         verdict = ("At this budget the tiny model has learned the word frequencies but not yet to "
@@ -54,7 +54,7 @@ def pretrain_summary(final: dict, seconds: float) -> str:
                    "frequencies, and fill-mask names words that fit.")
     rate = f" at ~{final['tokens_per_s'] / 1000:.0f}k tokens/s" if final.get("tokens_per_s") else ""
     return (f"{head}\n{verdict} The seed's recipe (1M steps at batch 512) sees ~10,000x more "
-            f"tokens, which a GPU cluster runs in hours; on this CPU `--steps` buys more{rate}.")
+            f"tokens, which a GPU cluster runs in hours; on this CPU `--budget` buys more{rate}.")
 
 
 def _banner(text: str) -> None:
@@ -62,7 +62,9 @@ def _banner(text: str) -> None:
 
 
 def run_demo(out: str = "demo_out", steps: int | None = None, verbose: bool = False,
-             report_to: str = "tensorboard") -> dict:
+             report_to: str = "tensorboard", budget: str = "4m") -> dict:
+    """The demo end to end; pretraining runs to `budget` of wall-clock (the steps fitted
+    to this machine's speed), or `steps` when given."""
 
     from wr_train.config import load_config
     from wr_train.preprocess import preprocess
@@ -112,6 +114,8 @@ def run_demo(out: str = "demo_out", steps: int | None = None, verbose: bool = Fa
     cfg.stages[0].shards = str(shards)
     if steps:
         cfg.stages[0].steps = steps
+    else:
+        cfg.budget = budget
     last = timed("pretrain", lambda: pretrain.run(cfg.validate(), verbose=verbose))
     print(f"last checkpoint: {last}")
     final = pretrain.last_eval(pretrain.run_dir_of(cfg))

@@ -1,0 +1,77 @@
+"""Training to a budget: `budget` parsed with one-line errors, a token budget's steps, a
+wall-clock budget that ends on time with the schedule decayed to 0, and a resumed budget
+run that keeps its plan."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.conftest import pretrain_cfg
+from wr_train import pretrain
+from wr_train.budget import Budget, parse_budget, stage_shares, token_steps
+from wr_train.checkpoint import verify_complete
+from wr_train.config import ConfigError, PretrainConfig, StageConfig
+
+
+def test_budget_parses_times_and_token_counts():
+    assert parse_budget("30m") == Budget(seconds=1800)
+    assert parse_budget("1h30m") == Budget(seconds=5400)
+    assert parse_budget("90s") == Budget(seconds=90)
+    assert parse_budget("2e9tok") == Budget(tokens=2e9)
+    assert parse_budget("500Mtok") == Budget(tokens=5e8)
+    assert parse_budget("") is None
+    for bad in ("30", "0m", "soon", "-5m", "2e9"):
+        with pytest.raises(ConfigError, match=f"budget: expected a wall-clock time .* got '{bad}'"):
+            parse_budget(bad)
+
+
+def test_token_budget_shares_the_stages_as_the_recipe_does():
+    cfg = PretrainConfig(stages=[
+        StageConfig(name="seq128", shards="a", steps=30, global_batch=32, micro_batch=16, lr=1e-3),
+        StageConfig(name="seq512", shards="b", steps=10, global_batch=8, micro_batch=8, lr=1e-4)])
+    seqs = [128, 512]
+    shares = stage_shares(cfg.stages, seqs)  # 30×32×128 : 10×8×512 tokens = 3 : 1
+    assert shares == pytest.approx([0.75, 0.25])
+    steps = token_steps(cfg, Budget(tokens=4 * (30 * 32 * 128 + 10 * 8 * 512)), seqs)
+    assert steps == [120, 40]                  # four times the recipe's tokens, in its proportion
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl") if line.strip()]
+
+
+BUDGET_S = 45
+
+
+def budget_cfg(shards, storage, name, **over):
+    cfg = pretrain_cfg(shards, storage, name, steps=1000, checkpoint_every=60, report_every=10,
+                       eval_rows=64, budget=f"{BUDGET_S}s", **over)
+    cfg.workers = 1
+    return cfg.validate()
+
+
+@pytest.mark.integration
+def test_wall_clock_budget_ends_on_time_with_the_lr_decayed_and_a_resume_keeps_the_plan(shards128, tmp_path):
+    import shutil
+    lines = []
+    t0 = time.time()
+    last = pretrain.run(budget_cfg(shards128, tmp_path, "clock"), log=lines.append)
+    wall = time.time() - t0
+    state = verify_complete(last)
+    rows = metrics(tmp_path / "clock")
+    planned = state["config"]["stages"][0]["steps"]
+    assert state["step"] == planned != 1000 and state["fits"] == 2
+    assert abs(state["trained_s"] - BUDGET_S) <= 0.1 * BUDGET_S, state["trained_s"]
+    assert rows[-1]["time"] - rows[0]["time"] <= BUDGET_S < wall  # by the clock too
+    assert rows[-1]["lr"] == 0.0 and max(r["lr"] for r in rows) == pytest.approx(1e-3, rel=0.1)
+    assert any(line.startswith(f"pretrain: budget {BUDGET_S}s of training") for line in lines), lines
+    # Resumed from the checkpoint before the last (its plan final): it ends at the same step,
+    # the deadline carried on, not a new plan from a fresh clock.
+    shutil.rmtree(last)
+    before = verify_complete(str(tmp_path / "clock" / f"checkpoint_step_{(planned - 1) // 60 * 60:07d}"))
+    assert before["fits"] == 2 and before["step"] < planned
+    again = verify_complete(pretrain.run(budget_cfg(shards128, tmp_path, "clock")))
+    assert again["step"] == planned and again["trained_s"] > before["trained_s"]
+    assert metrics(tmp_path / "clock")[-1]["lr"] == 0.0
