@@ -321,9 +321,6 @@ CASES = [
     case("pretrain-output-bias-unknown", lambda ws, t: (pretrain_argv(ws, t, "model.output_bias=log"), "model.output_bias"),
          "expected 'zero' or 'unigram'"),
     # -- pretrain: resuming with other settings
-    case("pretrain-resume-other-workers-zero3", lambda ws, t: (
-        resumable(ws, t, saved=["zero_stage=3"], world=1) + ["zero_stage=3"], "--workers 1"),
-        "saved by 1 workers with ZeRO-3"),
     case("pretrain-resume-before-partitions", lambda ws, t: (resumable(ws, t, streams=[{"rows": 80}] * 2),
                                                              "checkpoint_000001"), "before partitions"),
     case("pretrain-resume-other-seed", lambda ws, t: (resumable(ws, t, saved=["seed=7"]), "seed"),

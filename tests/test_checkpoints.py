@@ -50,7 +50,7 @@ def test_checkpoints_are_named_by_step_and_list_every_files_hash(pretrained_run)
     for rel, meta in state["files"].items():
         assert meta["sha256"] == storage.sha256_file(os.path.join(last, rel)), rel
     assert {m["rank"] for m in state["files"].values()} == {0, 1}
-    assert state["streams"] == [{"rows": 30 * 16}, {"rows": 30 * 16}]
+    assert state["streams"] == [{"batches": 30}, {"batches": 30}]  # global batches taken, on every rank
     assert set(state["versions"]) == {"torch", "deepspeed", "numpy", "pyarrow", "transformers", "ray", "wr_train"}
     assert state["versions"]["torch"].startswith("2.")
 
@@ -302,7 +302,7 @@ def test_failed_save_leaves_nothing_in_the_temp_dir(pretrained_run, tmp_path, ow
     (shards / "spm.model").unlink()
     from wr_train.shards import ShardError
     with pytest.raises((storage.StorageError, ShardError), match="no spm.model|spm.model: not found"):
-        checkpoint.save(engine, run, checkpoint.TrainState(step=1, stage_step=1), {"rows": 0}, 0, 1)
+        checkpoint.save(engine, run, checkpoint.TrainState(step=1, stage_step=1), {"batches": 0}, 0, 1)
     assert ours(own_tmp) == []
 
 

@@ -482,9 +482,6 @@ def check_resume(ckpt: str, state: dict, cfg: PretrainConfig, log=print) -> None
     if streams and "batches" not in streams[0]:
         raise CheckpointError(f"{ckpt}: saved by a wr-train whose data order depended on the worker "
                               f"count (before partitions); finish it with that version or start a new --name")
-    if state["world_size"] != cfg.workers and 3 in (state["config"].get("zero_stage"), cfg.zero_stage):
-        raise CheckpointError(f"{ckpt}: saved by {state['world_size']} workers with ZeRO-3, whose state "
-                              f"wr-train cannot re-partition yet; resume with --workers {state['world_size']}")
     if state["stage"] >= len(cfg.stages):
         raise CheckpointError(f"{ckpt}: saved in stage {state['stage'] + 1} ({state.get('stage_name')}), "
                               f"this recipe has {len(cfg.stages)} stage(s)")

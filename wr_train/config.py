@@ -184,9 +184,6 @@ class PretrainConfig:
             raise ConfigError(f"precision: expected auto|fp32|bf16|fp16, got {self.precision!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage: expected 0-3, got {self.zero_stage}")
-        if 0 < self.min_workers < self.workers and self.zero_stage == 3:
-            raise ConfigError(f"min_workers {self.min_workers} with zero_stage 3: an elastic run resumes on "
-                              f"other worker counts, and ZeRO-3 state is not re-partitioned; use zero_stage 1 or 2")
         if not self.stages:
             raise ConfigError("stages: expected at least one stage")
         for i, st in enumerate(self.stages):

@@ -1,13 +1,14 @@
 """A checkpoint's weights and optimizer on another number of workers (an elastic resume).
 
 ZeRO-1/2 save each rank's partition of flat fp32 buffers (master weights, Adam's moments)
-with a map of the parameter fragments it holds; a one-worker fp32 run (ZeRO-0) saves plain
-torch state. `gather` rebuilds every parameter's full fp32 weight, exp_avg and exp_avg_sq
-from all of a checkpoint's files; `load` writes them into a live engine of any world size,
-each rank into its own partition, with the schedule, step counters and loss scale. The
-numbers are the saved ones, only cut differently: a resumed run continues as the
-uninterrupted one would (tests/test_elastic.py). ZeRO-3 keeps a different layout and is
-refused (checkpoint.check_resume).
+with a map of the parameter fragments it holds; ZeRO-3 saves each rank's 1/W slice of every
+parameter (padded), one flat buffer per group, the layout DeepSpeed's zero_to_fp32 reads; a
+one-worker fp32 run (ZeRO-0) saves plain torch state. `gather` rebuilds every parameter's
+full fp32 weight, exp_avg and exp_avg_sq from all of a checkpoint's files; `load` writes
+them into a live engine of any world size and ZeRO stage, each rank into its own partition
+(DeepSpeed's fragment maps at ZeRO-1/2, its `set_local_hp_param` at ZeRO-3), with the
+schedule, step counters and loss scale. The numbers are the saved ones, only cut
+differently: a resumed run continues as the uninterrupted one would (tests/test_elastic.py).
 """
 from __future__ import annotations
 
@@ -42,14 +43,18 @@ def gather(tag_dir: str, group_names: list[list[str]]) -> Gathered:
     """Every parameter whole from all ranks' files in `tag_dir` (DeepSpeed's folder of a
     local checkpoint copy). `group_names`: the parameter names of each optimizer group in
     order (what a ZeRO-0 torch state dict numbers)."""
-    model_states = _load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))
+    plain = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    model_states = _load(plain if os.path.exists(plain)
+                         else os.path.join(tag_dir, "zero_pp_rank_0_mp_rank_00_model_states.pt"))  # ZeRO-3
     files = sorted(glob.glob(os.path.join(tag_dir, "zero_pp_rank_*_mp_rank_00_optim_states.pt")),
                    key=lambda f: int(os.path.basename(f).split("_")[3]))
     if not files:
         return _gather_plain(model_states, group_names)
     ranks = [_load(f)["optimizer_state_dict"] for f in files]
-    if int(ranks[0].get("zero_stage", 0)) > 2 or "param_slice_mappings" not in ranks[0]:
-        raise ReshardError(f"{tag_dir}: ZeRO-{int(ranks[0].get('zero_stage', 3))} partitions cannot be "
+    if "fp32_flat_groups" in ranks[0]:
+        return _gather_zero3(model_states, ranks)
+    if "param_slice_mappings" not in ranks[0]:
+        raise ReshardError(f"{tag_dir}: ZeRO partitions without DeepSpeed's fragment map cannot be "
                            f"re-partitioned; resume with the worker count that saved them")
     shapes = {n: s for group in model_states["param_shapes"] for n, s in group.items()}
     pieces: dict = {n: {k: [] for k in ("fp32", *MOMENTS)} for n in shapes}
@@ -67,6 +72,29 @@ def gather(tag_dir: str, group_names: list[list[str]]) -> Gathered:
     import torch
     params = {n: {k: torch.cat(v).view(shapes[n]).float() for k, v in pieces[n].items()} for n in shapes}
     return Gathered(params, step, model_states, ranks[0], len(files))
+
+
+def _gather_zero3(model_states: dict, ranks: list[dict]) -> Gathered:
+    """ZeRO-3: rank r holds elements [r·k, (r+1)·k) of every parameter (k = ceil(numel/W),
+    the last rank's slice padded), the parameters' slices back to back in each rank's flat
+    buffers, groups in order."""
+    import torch
+    world = len(ranks)
+    flats = {"fp32": [torch.cat(r["fp32_flat_groups"]) for r in ranks]}
+    for k in MOMENTS:
+        flats[k] = [torch.cat([r["optimizer_state_dict"]["state"][g][k]
+                               for g in sorted(r["optimizer_state_dict"]["state"])]) for r in ranks]
+    state0 = ranks[0]["optimizer_state_dict"]["state"]
+    step = float(state0[min(state0)]["step"]) if state0 else 0.0
+    params, at = {}, 0
+    for group in model_states["param_shapes"]:
+        for name, shape in group.items():
+            n = shape.numel()
+            k = -(-n // world)
+            params[name] = {key: torch.cat([f[at:at + k] for f in flat])[:n].view(shape).float()
+                            for key, flat in flats.items()}
+            at += k
+    return Gathered(params, step, model_states, ranks[0], world)
 
 
 def _gather_plain(model_states: dict, group_names: list[list[str]]) -> Gathered:
@@ -93,17 +121,17 @@ def group_names(engine) -> list[list[str]]:
 def load(engine, g: Gathered) -> None:
     """Write the gathered state into this rank's engine (every rank calls it)."""
     import torch
-    if hasattr(next(engine.module.parameters()), "ds_id"):
-        raise ReshardError("ZeRO-3 engines cannot take a re-partitioned state; resume with the "
-                           f"worker count that saved it ({g.world})")
-    with torch.no_grad():
-        for name, p in engine.module.named_parameters():
-            p.data.copy_(g.params[name]["fp32"].to(p.dtype))
     opt = engine.optimizer
-    if hasattr(opt, "single_partition_of_fp32_groups"):
-        _load_zero(opt, engine, g)
+    if hasattr(opt, "fp32_partitioned_groups_flat"):
+        _load_zero3(opt, engine, g)
     else:
-        _load_plain(opt, engine, g)
+        with torch.no_grad():
+            for name, p in engine.module.named_parameters():
+                p.data.copy_(g.params[name]["fp32"].to(p.dtype))
+        if hasattr(opt, "single_partition_of_fp32_groups"):
+            _load_zero(opt, engine, g)
+        else:
+            _load_plain(opt, engine, g)
     sched = engine.lr_scheduler
     sched.load_state_dict(g.model_states["lr_scheduler"])
     for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
@@ -118,12 +146,8 @@ def _load_zero(opt, engine, g: Gathered) -> None:
     in the parameter, where in this rank's flat partition) gets its slice of the whole."""
     import torch
     base = opt.optimizer
-    for k, part in enumerate(opt.single_partition_of_fp32_groups):
-        state = base.state[part]
-        if not state:  # no step taken yet: Adam's state as its first step makes it
-            state.update(step=torch.zeros((), dtype=torch.float32, device=part.device),  # fused Adam: on the device
-                         **{m: torch.zeros_like(part) for m in MOMENTS})
-        state["step"] = torch.full_like(state["step"], g.step) if torch.is_tensor(state["step"]) else g.step
+    for part in opt.single_partition_of_fp32_groups:
+        _adam_state(base, part, g.step)
     with torch.no_grad():
         for name, p in engine.module.named_parameters():
             frag = getattr(p, "_hp_mapping", None)
@@ -135,10 +159,45 @@ def _load_zero(opt, engine, g: Gathered) -> None:
             for key, dest in (("fp32", part), *((m, state[m]) for m in MOMENTS)):
                 src = g.params[name][key].reshape(-1)[lp.start:lp.start + lp.numel]
                 dest.narrow(0, hp.start, hp.numel).copy_(src)
-    if g.zero:
-        for key in ("loss_scaler", "dynamic_loss_scale", "overflow"):
-            if key in g.zero and hasattr(opt, key):
-                setattr(opt, key, g.zero[key])
+    _loss_scale(opt, g)
+
+
+def _load_zero3(opt, engine, g: Gathered) -> None:
+    """ZeRO-3: each parameter's slice of this rank into DeepSpeed's `set_local_hp_param`
+    (no collective); the 16-bit partitions follow the fp32 ones."""
+    import torch
+    for part in opt.fp32_partitioned_groups_flat:
+        _adam_state(opt.optimizer, part, g.step)
+    rank, world = engine.global_rank, engine.world_size
+    with torch.no_grad():
+        for name, p in engine.module.named_parameters():
+            k = p.ds_tensor.numel()  # this rank's slice: elements [rank·k, (rank+1)·k), the last padded
+            for key in ("fp32", *MOMENTS):  # (DeepSpeed's set_full_hp_param misses that padding)
+                whole = torch.nn.functional.pad(g.params[name][key].flatten(), (0, k * world - p.ds_numel))
+                opt.set_local_hp_param(whole[rank * k:(rank + 1) * k], p, None if key == "fp32" else key)
+        for lp, hp in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat):
+            if lp.data_ptr() != hp.data_ptr():
+                lp.data.copy_(hp.data)
+    _loss_scale(opt, g)
+
+
+def _adam_state(base, part, step: float) -> dict:
+    """Adam's state of one flat partition, made as its first step makes it if no step has
+    been taken yet (step on the partition's device, as fused Adam wants), at `step`."""
+    import torch
+    state = base.state[part]
+    if "exp_avg" not in state:
+        state.update(step=torch.zeros((), dtype=torch.float32, device=part.device),
+                     **{m: torch.zeros_like(part) for m in MOMENTS})
+    state["step"] = torch.full_like(state["step"], step) if torch.is_tensor(state["step"]) else step
+    return state
+
+
+def _loss_scale(opt, g: Gathered) -> None:
+    """fp16's dynamic loss scale, as rank 0 saved it."""
+    for key in ("loss_scaler", "dynamic_loss_scale", "overflow"):
+        if g.zero and key in g.zero and hasattr(opt, key):
+            setattr(opt, key, g.zero[key])
 
 
 def _load_plain(opt, engine, g: Gathered) -> None:
