@@ -610,7 +610,10 @@ def test_loss_of_a_node_shrinks_an_elastic_run(cluster, canary_s3, e2e):
     _wait_for_alive_workers(cluster, sid, job_id, on=second.node_id)
     _wait_for_checkpoint(cluster, canary_s3, sid, "elastic")
     second.kill()
-    job = cluster.wait(sid, 400)
+    try:
+        job = cluster.wait(sid, 400)
+    finally:
+        cluster.add_node("node5")  # the tests after this one run two-worker jobs
     print(f"[cluster] elastic: done after {time.monotonic() - t0:.1f}s", flush=True)
     assert job["status"] == "SUCCEEDED", job_tail(cluster, sid)
     resumed = _assert_resumed(cluster, canary_s3, e2e, sid, "elastic", workers=1)
