@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import pretrain_cfg
 from wr_train import pretrain
 from wr_train.budget import Budget, parse_budget, stage_shares, token_steps
-from wr_train.checkpoint import verify_complete
+from wr_train.checkpoint import list_checkpoints, verify_complete
 from wr_train.config import ConfigError, PretrainConfig, StageConfig
 
 
@@ -46,8 +46,8 @@ BUDGET_S = 45
 
 
 def budget_cfg(shards, storage, name, **over):
-    cfg = pretrain_cfg(shards, storage, name, steps=1000, checkpoint_every=60, report_every=10,
-                       eval_rows=64, budget=f"{BUDGET_S}s", **over)
+    cfg = pretrain_cfg(shards, storage, name, steps=1000, checkpoint_every=30, report_every=10,
+                       eval_rows=64, budget=f"{BUDGET_S}s", keep_checkpoints=100, **over)
     cfg.workers = 1
     return cfg.validate()
 
@@ -69,9 +69,14 @@ def test_wall_clock_budget_ends_on_time_with_the_lr_decayed_and_a_resume_keeps_t
     assert any(line.startswith(f"pretrain: budget {BUDGET_S}s of training") for line in lines), lines
     # Resumed from the checkpoint before the last (its plan final): it ends at the same step,
     # the deadline carried on, not a new plan from a fresh clock.
-    shutil.rmtree(last)
-    before = verify_complete(str(tmp_path / "clock" / f"checkpoint_step_{(planned - 1) // 60 * 60:07d}"))
-    assert before["fits"] == 2 and before["step"] < planned
+    final = [c for c in list_checkpoints(str(tmp_path / "clock"))
+             if c != last and verify_complete(c)["fits"] == 2]
+    assert final, "no checkpoint between the final fit and the end"
+    for c in list_checkpoints(str(tmp_path / "clock")):
+        if c != final[0]:
+            shutil.rmtree(c)  # resume from the first checkpoint after the plan was final
+    before = verify_complete(final[0])
+    assert before["step"] < planned
     again = verify_complete(pretrain.run(budget_cfg(shards128, tmp_path, "clock")))
     assert again["step"] == planned and again["trained_s"] > before["trained_s"]
     assert metrics(tmp_path / "clock")[-1]["lr"] == 0.0

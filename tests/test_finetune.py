@@ -313,7 +313,9 @@ def test_sweep_reports_every_trial_to_mlflow_and_wandb(ray_local, demo_dir, tiny
     rep = _sweep(tiny_model, demo_dir, tmp_path / "results", "tracked", lrs=(1e-3, 3e-4),
                  report_to="mlflow,wandb")
     assert rep["trials_run"] == 2 and not rep["missing"]
-    client = MlflowClient()
+    # the store by name: Tune's MLflow callback set the driver's tracking URI globally, and a
+    # later test's client would read this one instead of its own
+    client = MlflowClient(tracking_uri=f"file://{tmp_path}/mlruns")
     runs = client.search_runs([client.get_experiment_by_name("wr-sweeps").experiment_id])
     assert len(runs) == 2 and {r.data.tags["wr_train.sweep"] for r in runs} == {"tracked"}
     devs = sorted(r.data.metrics["dev_acc"] for r in runs)

@@ -56,7 +56,7 @@ def test_pretrain_reports_to_mlflow_and_wandb(pretrained_run, tmp_path, monkeypa
     m = {r["step"]: r for r in map(__import__("json").loads,
                                    (tmp_path / "runs" / "tracked" / "metrics.jsonl").read_text().splitlines())}
 
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=f"file://{tmp_path}/mlruns")  # (an earlier test's global URI may linger)
     exp = client.get_experiment_by_name("wr-tests")
     (mrun,) = client.search_runs([exp.experiment_id])
     assert mrun.info.run_name == "tracked" and mrun.info.status == "FINISHED"

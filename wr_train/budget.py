@@ -19,7 +19,7 @@ from wr_train.config import ConfigError, PretrainConfig, StageConfig
 
 WARM_STEPS = 10   # steps before the first fit (the first ones are slower: allocation, caches)
 SKIP_STEPS = 2    # the first steps of a stage are not measured
-REFIT_AT = 0.3    # the one re-fit, at this share of the first plan
+REFIT_AT = 0.5    # the one re-fit, at this share of the first plan (saves and evaluations measured)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
