@@ -105,8 +105,8 @@ class Trackers:
     def open(self) -> "Trackers":
         ids = self._ids()
         if "mlflow" in self.names:
-            from mlflow.tracking import MlflowClient
-            self.mlflow = MlflowClient()
+            self.mlflow = mlflow_client(ids.get("mlflow_tracking_uri"))
+            ids["mlflow_tracking_uri"] = self.mlflow.tracking_uri
             run_id = ids.get("mlflow_run_id")
             if run_id is None:
                 name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "wr-train")
@@ -162,6 +162,14 @@ class Trackers:
             self.artifact(str(path))
 
 
+def mlflow_client(uri: str | None = None):
+    """An MLflow client for the run's store: the one it was created in, else MLFLOW_TRACKING_URI.
+    Named explicitly because mlflow.set_tracking_uri (which Ray Tune's MLflow callback calls)
+    would otherwise win over the environment for the rest of the process."""
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=uri or os.environ.get("MLFLOW_TRACKING_URI") or None)
+
+
 def add_to_tracked_run(run_dir: str, paths: list[str], log=print) -> None:
     """`wr-train export`: the model card and plot into the pretraining run's tracked runs
     (RUN_DIR/tracking.json), when there are any and their trackers are installed here."""
@@ -171,11 +179,10 @@ def add_to_tracked_run(run_dir: str, paths: list[str], log=print) -> None:
     ids = json.loads(storage.read_text(path))
     if ids.get("mlflow_run_id"):
         try:
-            from mlflow.tracking import MlflowClient
+            client = mlflow_client(ids.get("mlflow_tracking_uri"))
         except ImportError:
             log("export: the run is tracked in MLflow, but mlflow is not installed here: card not logged")
         else:
-            client = MlflowClient()
             for p in paths:
                 client.log_artifact(ids["mlflow_run_id"], p, artifact_path="export")
     if ids.get("wandb_run_id"):
