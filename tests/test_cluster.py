@@ -72,7 +72,7 @@ PORT_RANGE = (23000, 29999)  # below weed's P+10000 ports (30000+) and the ephem
 
 
 # The tiny run's flags and overrides (pretrain(), and the docs' commands on this cluster).
-# fp32, not demo-tiny's bf16: on a CPU without bf16 hardware (no AMX, no AVX512-BF16) torch
+# fp32 also where demo-tiny's `auto` would pick bf16: on a CPU without bf16 hardware (no AMX, no AVX512-BF16) torch
 # emulates bf16 matmuls, ~300x slower (a 2048² product: 92 s against 0.3 s on one core).
 SHORT_RUN = ["--steps", str(STEPS), "--workers", "2", "cpus_per_worker=1", "checkpoint_every=10",
              "report_every=5", "stages.0.global_batch=16", "stages.0.micro_batch=8", "stages.0.lr=1e-3",

@@ -137,10 +137,11 @@ def test_bf16_on_cpu_with_demo_tinys_start(pretrained_run, tmp_path):
     from wr_train.config import ModelConfig
     from wr_train.shards import load_manifest, read_token_counts
     cfg, _ = pretrained_run
-    # 128 held-out rows, not 1024: on a CPU without bf16 hardware (no AMX) torch emulates
+    # 64 held-out rows, not 1024: on a CPU without bf16 hardware (no AMX) torch emulates
     # bf16 matmuls, and the evaluation was most of this test's minutes there
-    run = pretrain_cfg(cfg.stages[0].shards, tmp_path, "bf16", steps=10, precision="bf16", eval_rows=128,
+    run = pretrain_cfg(cfg.stages[0].shards, tmp_path, "bf16", steps=10, precision="bf16", eval_rows=64,
                        model=ModelConfig(size="tiny", output_bias="unigram", position_init="sinusoidal"))
+    run.stages[0].global_batch, run.stages[0].micro_batch = 8, 4  # (and 8-row batches, for the same reason)
     last = pretrain.run(run)
     verify_complete(last)
     m = metrics_of(tmp_path / "bf16")

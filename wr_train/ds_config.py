@@ -31,9 +31,12 @@ def load_ds_file(name_or_path: str) -> dict:
 
 
 def resolve_precision(cfg: PretrainConfig) -> str:
+    """`auto`: bf16 where the hardware multiplies it (a GPU, a CPU with AMX), else fp32:
+    emulated bf16 on other CPUs runs hundreds of times slower than fp32."""
     if cfg.precision != "auto":
         return cfg.precision
-    return "bf16" if cfg.gpu else "fp32"
+    from wr_train.machine import cpu_precision
+    return "bf16" if cfg.gpu else cpu_precision("bf16")
 
 
 def torch_dtype(cfg: PretrainConfig):
@@ -57,7 +60,7 @@ def check_ds_precision(cfg: PretrainConfig, ds: dict) -> None:
     wanted = ds_file_precision(ds, cfg.ds_config)
     precision = resolve_precision(cfg)
     if wanted and wanted != precision:
-        means = f" (auto: {precision} on {'GPU' if cfg.gpu else 'CPU'})" if cfg.precision == "auto" else ""
+        means = f" (auto: {precision} on this {'GPU' if cfg.gpu else 'CPU'})" if cfg.precision == "auto" else ""
         raise ConfigError(f"ds_config {cfg.ds_config}: enables {wanted}, but precision={cfg.precision}"
                           f"{means} trains {precision}; set precision={wanted} or use another ds_config")
 

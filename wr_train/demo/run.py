@@ -70,7 +70,7 @@ def run_demo(out: str = "demo_out", steps: int | None = None, verbose: bool = Fa
     from wr_train.preprocess import preprocess
     from wr_train.demo.data import build_demo
     from wr_train.export import export_checkpoint, fill_mask_table
-    from wr_train.machine import cpu_precision
+    from wr_train.ds_config import resolve_precision
     from wr_train.tokenizer import train_spm
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -106,11 +106,8 @@ def run_demo(out: str = "demo_out", steps: int | None = None, verbose: bool = Fa
         print(f"reusing {shards}")
 
     cfg = load_config("demo-tiny", [f"storage={root / 'runs'}", "name=demo-tiny", f"report_to={report_to}"])
-    precision = cpu_precision(cfg.precision)
-    if precision != cfg.precision:  # emulated bf16 is slower than fp32
-        print(f"this CPU has no AMX (hardware bf16): pretraining in {precision}")
-        cfg.precision = precision
-    _banner(f"4/6 pretrain the tiny model: Ray Train, 2 workers, DeepSpeed ZeRO-{cfg.zero_stage}, {cfg.precision}")
+    precision = resolve_precision(cfg)  # demo-tiny's `auto`: fp32 on a CPU without AMX
+    _banner(f"4/6 pretrain the tiny model: Ray Train, 2 workers, DeepSpeed ZeRO-{cfg.zero_stage}, {precision}")
     cfg.stages[0].shards = str(shards)
     if steps:
         cfg.stages[0].steps = steps
