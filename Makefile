@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/wr-train demo --out demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -x -q tests
+	$(PY) -m pytest -x -q --durations=30 tests
 
 bench: $(STAMP)
 	$(PY) bench/preprocess.py
