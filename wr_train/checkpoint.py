@@ -279,6 +279,7 @@ def save(engine, cfg: PretrainConfig, ts: TrainState, stream_state: dict, rank: 
             state = {
                 **asdict(TrainState(ts.step, ts.stage, ts.stage_step, streams, [], ts.trained_s, ts.fits)),
                 "stage_name": stage.name, "stage_steps": stage.steps, "world_size": world,
+                "zero_stage": engine.zero_optimization_stage(),  # the layout saved (1 worker fp32: 0)
                 "config": to_dict(cfg), "versions": library_versions(),
                 "files": {rel: meta for one in listings for rel, meta in one.items()},
                 "vocab_size": manifest["vocab_size"], "seq_length": manifest["seq_length"],

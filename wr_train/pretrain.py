@@ -140,7 +140,7 @@ def _resume_point(cfg: PretrainConfig, run_dir: str, w: _Worker) -> tuple[TrainS
               f"fetched its share, rank 0 {fetched / 2**20:,.1f} MB of {total / 2**20:,.1f} MB")
     else:
         w.log(f"resumed step {state['step']:,} saved by {saved} worker{'s' * (saved > 1)} on {w.world} "
-              f"(ZeRO-{state['config'].get('zero_stage')} state re-partitioned): each rank fetched every "
+              f"(ZeRO-{state.get('zero_stage', state['config'].get('zero_stage'))} state re-partitioned): each rank fetched every "
               f"partition, {fetched / 2**20:,.1f} MB")
     ts = TrainState.of(state, checkpoint.read_history(local) if w.rank == 0 else [])
     return ts, _Resume(source, local, saved)
