@@ -293,6 +293,7 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true",
                     help="add SparseMLM without DeepSpeed, the engine without dropout, the loop outside Ray")
     ap.add_argument("--no-real", action="store_true", help="skip the real-loop row (no Ray start)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF row (slow at small; real/engine needs none)")
     ap.add_argument("--precisions", default="",
                     help="comma list of fp32,bf16 for our rows (default: bf16 on GPU, fp32 on CPU); "
                          "UER-py runs fp32 once per size, its row shared by them")
@@ -329,7 +330,8 @@ def main() -> None:
             if vocab == 32000:
                 shards = bench_shards(text, spm_dir, args.cache)
                 r["stream_loop"] = stream_loop(size, shards, args.batch, args.steps, device, precision)
-        r["hf"] = hf_loop(size, vocab, data, device, precision)
+        if not args.no_hf:
+            r["hf"] = hf_loop(size, vocab, data, device, precision)
         if vocab == 32000 and args.uer:
             if size not in uer:
                 uer[size] = uer_loop(size, args.uer, text, spm_dir, args.cache, args.windows, args.batch)
@@ -364,7 +366,8 @@ def print_table(results: list[dict], breakdown: bool, precisions: list[str]) -> 
         return r["size"] + vocab + ("" if len(precisions) == 1 else f"-{r['precision']}")
     print()
     for r in results:
-        print(f"{label(r, True)} {r['engine']:.0f} {r['hf']:.0f} {r['engine'] / r['hf']:.2f}x")
+        if "hf" in r:
+            print(f"{label(r, True)} {r['engine']:.0f} {r['hf']:.0f} {r['engine'] / r['hf']:.2f}x")
     for r in results:
         if "uer" in r and "real" in r:
             print(f"uer {label(r, False)} {r['real']:.0f} {r['uer']:.0f} {r['real'] / r['uer']:.2f}x")
