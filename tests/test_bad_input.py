@@ -320,6 +320,11 @@ CASES = [
         pretrain_argv(ws, t, "model.output_bias=unigram"), "token_counts.npy"), "model.output_bias=unigram"),
     case("pretrain-output-bias-unknown", lambda ws, t: (pretrain_argv(ws, t, "model.output_bias=log"), "model.output_bias"),
          "expected 'zero' or 'unigram'"),
+    # -- pretrain: the downstream probe's task (read on the driver, before anything starts)
+    case("pretrain-probe-without-data", lambda ws, t: (pretrain_argv(ws, t, "--probe", "chnsenticorp"),
+                                                       "probe.data (--probe-data)"), "expected the folder"),
+    case("pretrain-probe-no-such-task", lambda ws, t: (pretrain_argv(ws, t, "--probe", "nosuch", "--probe-data", str(t)),
+                                                       "probe.task nosuch"), "not a built-in task"),
     # -- pretrain: resuming with other settings
     case("pretrain-resume-before-partitions", lambda ws, t: (resumable(ws, t, streams=[{"rows": 80}] * 2),
                                                              "checkpoint_000001"), "before partitions"),

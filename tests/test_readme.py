@@ -23,7 +23,7 @@ SMALLER = [
      "--max-train-examples 200 --max-eval-examples 100"),
 ]
 # wr-train's own console lines (Ray's "(RayTrainWorker pid=N)" prefix stripped)
-OWN_LINE = re.compile(r"^(pretrain: |stage \d+/\d+ |\[[\w.-]+\] step \d+/\d+ |resuming |checkpoint: )")
+OWN_LINE = re.compile(r"^(pretrain: |stage \d+/\d+ |\[[\w.-]+\] step \d+/\d+ |resuming |checkpoint: |probe: )")
 CHATTER = re.compile(r"PlacementGroupCleaner|TrainingReport\(|Warning|Traceback|built successfully"
                      r"|core_worker|TrainController|raylet")
 RAY_PREFIX = re.compile(r"^(\x1b\[\d+m)?\([^)]*pid=\d+[^)]*\)(\x1b\[0m)? ?")

@@ -401,7 +401,7 @@ class Opened:
         return json.loads(Path(self.local, "manifests.json").read_text())
 
     def history(self) -> list[dict]:
-        return read_history(self.local)
+        return with_late_keys(self.path, read_history(self.local), self.state["step"])
 
     def spm_model(self) -> str:
         return os.path.join(self.local, "spm.model")
@@ -466,6 +466,27 @@ def read_history(ckpt_dir: str) -> list[dict]:
 
 def history_jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+RUN_METRICS = "metrics.jsonl"  # the run's rows beside its checkpoints, rewritten by rank 0
+
+
+def with_late_keys(ckpt: str, rows: list[dict], step: int) -> list[dict]:
+    """`rows` (checkpoint `ckpt`'s own metrics.jsonl) with the keys their steps gained in
+    the run's metrics.jsonl beside it after `ckpt` was sealed: a downstream probe of a
+    checkpoint (wr_train.probe) finishes after the checkpoint is written, so a checkpoint
+    never holds its own probe's result. Only for a checkpoint inside its run folder (named
+    by its `step`); a copy elsewhere (`wr-train pull`) has its own rows only."""
+    name = ckpt.rstrip("/").rsplit("/", 1)[-1]
+    run_metrics = storage.join(ckpt.rstrip("/").rsplit("/", 1)[0], RUN_METRICS)
+    if name != checkpoint_name(step) or not storage.exists(run_metrics):
+        return rows
+    try:
+        later = [json.loads(line) for line in storage.read_text(run_metrics).splitlines() if line.strip()]
+    except (storage.StorageError, ValueError):
+        return rows  # a torn run file: the checkpoint's rows are whole
+    later = {r.get("step"): r for r in later if isinstance(r, dict)}
+    return [{**later.get(r["step"], {}), **r} if r["step"] <= step else r for r in rows]
 
 
 # ---------------------------------------------------------------- resuming

@@ -171,6 +171,16 @@ def add_pretrain_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--storage", help="run storage: dir or s3://bucket/prefix (run goes to STORAGE/NAME)")
     t.add_argument("--name", help="run name; the same name resumes")
     t.add_argument("--report-to", dest="report_to", metavar="TRACKERS", help=REPORT_TO_HELP)
+    t.add_argument("--probe", metavar="TASK",
+                   help="a downstream probe at every checkpoint: a short fine-tuning of its weights on TASK "
+                        "(a built-in task or a user task's folder under --probe-data), run beside training; "
+                        "its dev accuracy is probe_acc next to eval_loss (metrics.jsonl, TensorBoard, the "
+                        "console, the model card), the task's majority share probe_floor. Its size: "
+                        "probe.train_examples=1000 probe.eval_examples=500 probe.epochs=2 probe.lrs=1e-4,3e-4 "
+                        "(the grid; the best dev accuracy counts) probe.cpus=0 (0: on the workers' cores)")
+    t.add_argument("--probe-data", dest="probe_data", metavar="DIR",
+                   help="the local folder holding the probe's task: DIR/TASK/train.* and dev.* (UER TSV or "
+                        "CLUE JSON lines; `wr-train data demo` writes DIR/tasks/…)")
     t.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     t.add_argument("--print-config", action="store_true",
                    help="print the resolved recipe as YAML (a recipe --config takes) and exit; "
@@ -280,7 +290,8 @@ def pretrain_config(args):
     cfg = load_config(args.config, args.overrides)
     for flag, key in (("size", "model.size"), ("workers", "workers"), ("min_workers", "min_workers"),
                       ("storage", "storage"),
-                      ("name", "name"), ("gpu", "gpu"), ("report_to", "report_to"), ("budget", "budget")):
+                      ("name", "name"), ("gpu", "gpu"), ("report_to", "report_to"), ("budget", "budget"),
+                      ("probe", "probe.task"), ("probe_data", "probe.data")):
         value = getattr(args, flag)
         if value is not None:
             apply_override(cfg, f"{key}={value}")

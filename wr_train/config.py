@@ -122,6 +122,55 @@ class MaskConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """A downstream probe at every checkpoint (wr_train.probe): a short fine-tuning of the
+    checkpoint's weights on a capped task, run beside training; its dev accuracy is
+    `probe_acc` in metrics.jsonl, the task's majority share `probe_floor`. Off while
+    `task` is empty. Not a training setting: a resume may switch it on, off or change it."""
+    task: str = ""            # a built-in task (chnsenticorp, ...) or a user task's folder under `data`
+    data: str = ""            # the local folder holding TASK/train.* and dev.* (read by the driver)
+    train_examples: int = 1000  # a fixed random subset of the train split (the same at every checkpoint)
+    eval_examples: int = 500  # the first N dev rows
+    epochs: int = 2
+    batch_size: int = 32
+    lrs: str = "1e-4,3e-4"    # the grid: one fine-tuning per lr, the best dev accuracy is probe_acc
+    seq_length: int = 128
+    cpus: float = 0.0         # CPUs Ray reserves for a probe (0: it shares the workers' cores; its
+                              # torch threads: max(1, cpus)); on a cluster with spare cores, more
+    gpus: float = 0.0         # GPUs Ray reserves for a probe (the workers hold theirs)
+    timeout_s: float = 1800.0  # a probe running longer is cancelled, its checkpoint left unprobed
+
+    def validate(self, max_positions: int = 512) -> "ProbeConfig":
+        if not self.task:
+            return self
+        check_plain_name(self.task, "probe.task (--probe)")
+        if not self.data:
+            raise ConfigError(f"probe.data (--probe-data): expected the folder holding "
+                              f"{self.task}/train.* and dev.* for probe.task {self.task!r}")
+        if "://" in self.data:
+            raise ConfigError(f"probe.data {self.data}: expected a local folder (the driver reads the "
+                              f"task and hands the probes its examples)")
+        for key in ("train_examples", "eval_examples", "epochs", "batch_size"):
+            _in_range(f"probe.{key}", getattr(self, key), ">= 1 (a probe is short and capped)",
+                      getattr(self, key) >= 1)
+        _in_range("probe.seq_length", self.seq_length, f"8..model.max_positions ({max_positions})",
+                  8 <= self.seq_length <= max_positions)
+        self.learning_rates()
+        _in_range("probe.cpus", self.cpus, ">= 0", self.cpus >= 0)
+        _in_range("probe.gpus", self.gpus, ">= 0", self.gpus >= 0)
+        _in_range("probe.timeout_s", self.timeout_s, "> 0 seconds", self.timeout_s > 0)
+        return self
+
+    def learning_rates(self) -> list[float]:
+        """`lrs` as numbers: a comma list of positive learning rates."""
+        from wr_train.tune_trials import SweepError, parse_list
+        try:
+            return parse_list(self.lrs, float, "probe.lrs")
+        except SweepError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclass
 class PretrainConfig:
     name: str = "wr-run"
     storage: str = "runs"     # dir or s3://bucket/prefix; the run lives in STORAGE/NAME
@@ -149,6 +198,7 @@ class PretrainConfig:
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     optim: OptimConfig = field(default_factory=OptimConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def validate(self, need_shards: bool = True) -> "PretrainConfig":
         """Every setting in its range, each bad one a one-line ConfigError naming the key
@@ -222,6 +272,7 @@ class PretrainConfig:
         _in_range("mask.span_p", m.span_p, "0 < span_p <= 1 (the geometric span length's p)",
                   0 < m.span_p <= 1)
         _in_range("mask.span_max", m.span_max, ">= 1 token", m.span_max >= 1)
+        self.probe.validate(self.model.max_positions)
         return self
 
 
@@ -335,6 +386,7 @@ _NESTED = {
     (PretrainConfig, "stages"): list,
     (PretrainConfig, "optim"): OptimConfig,
     (PretrainConfig, "mask"): MaskConfig,
+    (PretrainConfig, "probe"): ProbeConfig,
 }
 
 

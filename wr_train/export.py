@@ -60,6 +60,16 @@ def load_checkpoint_weights(opened: Opened):
     return mlm.eval(), cfg
 
 
+def write_hf_weights(opened: Opened, out: Path):
+    """The opened checkpoint's model as a HuggingFace directory without a card (weights
+    with fine-tuning's dropout, the tokenizer): what `export_checkpoint` writes first and
+    what a downstream probe fine-tunes (wr_train.probe). Returns the checkpoint's config."""
+    mlm, cfg = load_checkpoint_weights(opened)
+    mlm.config.hidden_dropout_prob = mlm.config.attention_probs_dropout_prob = FINETUNE_DROPOUT
+    save_hf_model(mlm, opened.spm_model(), str(out))
+    return cfg
+
+
 def export_checkpoint(checkpoint: str, out_dir: str, log=print, license: str | None = None,
                       widget: str | None = None) -> Path:
     """Export a complete checkpoint (local dir or s3://, every file's sha256 checked) to a
@@ -72,11 +82,9 @@ def export_checkpoint(checkpoint: str, out_dir: str, log=print, license: str | N
         raise ExportError(f"--widget {widget!r}: expected a [MASK] in it")
     with open_checkpoint(checkpoint, log=log) as opened:
         state = opened.state
-        mlm, cfg = load_checkpoint_weights(opened)
-        history = opened.history()
         out = Path(out_dir)
-        mlm.config.hidden_dropout_prob = mlm.config.attention_probs_dropout_prob = FINETUNE_DROPOUT
-        save_hf_model(mlm, opened.spm_model(), str(out))
+        cfg = write_hf_weights(opened, out)
+        history = opened.history()
         plot = loss_plot(history, out / "loss.png")
         card = model_card(cfg, state, opened.manifests(), history, plot, name=out.resolve().name,
                           license=license, widget=widget)
@@ -103,6 +111,9 @@ def _without_local_paths(config: dict) -> dict:
     for stage in out.get("stages") or []:
         if isinstance(stage.get("shards"), str):
             stage["shards"] = cut(stage["shards"])
+    probe = out.get("probe") or {}
+    if isinstance(probe.get("data"), str):
+        probe["data"] = cut(probe["data"])
     return out
 
 
@@ -180,6 +191,12 @@ def model_card(cfg, state: dict, manifests: dict, history: list[dict], plot: str
         acc_floor = f" (commonest token {e['unigram_acc']:.1%})" if "unigram_acc" in e else ""
         lines.append(f"| held-out eval loss | {e['eval_loss']:.4f}{floor} |")
         lines.append(f"| held-out eval accuracy | {e['eval_acc']:.1%}{acc_floor} |")
+    probed = [h for h in history if "probe_acc" in h]
+    if probed:
+        p = probed[-1]
+        lines.append(f"| downstream probe ({p['probe_task']}) | dev accuracy {p['probe_acc']:.1%} at step "
+                     f"{p['step']:,} (majority class {p['probe_floor']:.1%}; fine-tuned on "
+                     f"{p['probe_train_examples']:,} examples, lr {p['probe_lr']:g}) |")
     lines += ["", "## Corpus", "", "| stage | rows | seq | non-pad tokens | documents | pad |", "|---|---|---|---|---|---|"]
     for stage, man in manifests.items():
         lines.append(f"| {stage} | {man['rows']:,} | {man['seq_length']} | {man['non_pad_tokens']:,} | "
@@ -190,7 +207,10 @@ def model_card(cfg, state: dict, manifests: dict, history: list[dict], plot: str
         lines += ["", f"Sources: {', '.join(dict.fromkeys(sources))}."]
     if plot:
         lines += ["", "## Loss", "", "Train loss per report; held-out eval loss at each checkpoint; the "
-                  "unigram floor is the loss of predicting every masked token from its frequency alone.",
+                  "unigram floor is the loss of predicting every masked token from its frequency alone." +
+                  (" Right axis: the downstream probe's dev accuracy at each checkpoint (a short "
+                   "fine-tuning of that checkpoint), above its floor, the task's majority class."
+                   if probed else ""),
                   "", f"![MLM loss]({plot})"]
     return "\n".join(lines) + "\n"
 

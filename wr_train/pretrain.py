@@ -10,7 +10,9 @@ data order, masks, dropout RNG, optimizer, schedule).
 
 The rooms it uses: wr_train.ds_config (the DeepSpeed config), wr_train.engine (building the
 engine, `train_step`, the held-out evaluation), wr_train.checkpoint (save, find, restore,
-and which settings a resume must keep), wr_train.stream (the masked rows).
+and which settings a resume must keep), wr_train.stream (the masked rows), and, when the
+recipe names a probe task, wr_train.probe (rank 0 runs it on each persisted checkpoint as a
+Ray task beside training, `_Probes`).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class _Worker:
     verbose: bool
     peak: float | None = None  # the device's peak FLOP/s for the MFU (measured once, on first use)
     trackers: object = None    # rank 0's tracking.Trackers (MLflow / W&B), if any are named
+    probes: "_Probes | None" = None  # rank 0's downstream probes, when the run probes
 
 
 @dataclass
@@ -68,6 +71,7 @@ def train_worker(loop_config: dict) -> None:
     ok = False
     try:
         w.trackers = _open_trackers(cfg, run_dir, w, loop_config.get("tracker_env"))
+        w.probes = _start_probes(cfg, w, ts, resume, loop_config.get("probe_task"))
         weights = None
         if resume and ts.stage_step == cfg.stages[ts.stage].steps:  # saved at a stage's end
             engine = _stage_engine(cfg, ts.stage, w, None, resume)
@@ -82,6 +86,8 @@ def train_worker(loop_config: dict) -> None:
             weights = checkpoint.full_weights(engine) if s + 1 < len(cfg.stages) else None
             del engine
             ts.next_stage()
+        if w.probes:
+            _take_probes(cfg, run_dir, w, ts, wait=True)  # the last checkpoint's probe too
         if w.trackers:
             w.trackers.log_plot(ts.history)
         ok = True
@@ -98,6 +104,18 @@ def _open_trackers(cfg: PretrainConfig, run_dir: str, w: _Worker, env: dict | No
     if w.rank != 0 or not names:
         return None
     return Trackers(names, run_dir, cfg.name, to_dict(cfg), env).open()
+
+
+def _start_probes(cfg: PretrainConfig, w: _Worker, ts: TrainState, resume: "_Resume | None",
+                  task) -> "_Probes | None":
+    """Rank 0's probes (None when the run does not probe, or on other ranks); a resumed
+    checkpoint whose probe never landed (the run stopped first) is probed again."""
+    if w.rank != 0 or not cfg.probe.task or task is None:
+        return None
+    probes = _Probes(cfg.probe, task, w.log)
+    if resume and not any("probe_acc" in row for row in ts.history if row["step"] == ts.step):
+        probes.add(resume.source, ts.step)
+    return probes
 
 
 def _drop(resume: "_Resume | None") -> None:
@@ -142,7 +160,11 @@ def _resume_point(cfg: PretrainConfig, run_dir: str, w: _Worker) -> tuple[TrainS
         w.log(f"resumed step {state['step']:,} saved by {saved} worker{'s' * (saved > 1)} on {w.world} "
               f"(ZeRO-{state.get('zero_stage', state['config'].get('zero_stage'))} state re-partitioned): each rank fetched every "
               f"partition, {fetched / 2**20:,.1f} MB")
-    ts = TrainState.of(state, checkpoint.read_history(local) if w.rank == 0 else [])
+    # rank 0's history, with what its rows gained after the checkpoint was sealed (probes)
+    history = []
+    if w.rank == 0:
+        history = checkpoint.with_late_keys(source, checkpoint.read_history(local), state["step"])
+    ts = TrainState.of(state, history)
     return ts, _Resume(source, local, saved)
 
 
@@ -197,10 +219,14 @@ def _train_stage(cfg: PretrainConfig, s: int, run_dir: str, w: _Worker, at: Trai
         at.history.append(metrics)
         if save:
             _save_and_report(engine, metrics, cfg, stream.state_dict(), run_dir, w, at)
+            if w.probes:  # Ray has persisted it: a probe can read it
+                w.probes.add(storage.join(run_dir, checkpoint.checkpoint_name(at.step)), at.step)
         else:
             ray.train.report(metrics)
         if w.trackers:
             w.trackers.log(metrics)
+        if w.probes:
+            _take_probes(cfg, run_dir, w, at)
         if lease is not None:
             lease.heartbeat()  # stops this run if another took its name
         meter.restart()  # evaluation and saving stay out of tok/s
@@ -358,10 +384,88 @@ def _save_and_report(engine, metrics: dict, cfg: PretrainConfig, stream_state: d
           f"({metrics['save_s']:.1f}s: {metrics['save_write_s']:.1f}s writing, "
           f"{metrics['save_s'] - metrics['save_write_s']:.1f}s upload)")
     if w.rank == 0:
-        storage.write_text(storage.join(run_dir, "metrics.jsonl"), history_jsonl(at.history))
-        if "tensorboard" in cfg.report_to:
-            write_tensorboard(at.history, storage.join(run_dir, "tensorboard"))
+        _write_run_metrics(cfg, run_dir, at)
         checkpoint.rotate(run_dir, cfg.keep_checkpoints, log=w.log)
+
+
+def _write_run_metrics(cfg: PretrainConfig, run_dir: str, at: TrainState) -> None:
+    """Rank 0: the run's metrics.jsonl and TensorBoard files, rewritten from the history."""
+    storage.write_text(storage.join(run_dir, checkpoint.RUN_METRICS), history_jsonl(at.history))
+    if "tensorboard" in cfg.report_to:
+        write_tensorboard(at.history, storage.join(run_dir, "tensorboard"))
+
+
+class _Probes:
+    """Rank 0's downstream probes (wr_train.probe, which says why not Ray Train's
+    validation hook), each a Ray task beside training: one runs at a time, and of the
+    checkpoints saved meanwhile only the newest waits (an older one may be rotated away
+    before its turn). The reports collect the results without waiting (the workers never
+    wait for a probe); only the run's end waits for the last."""
+
+    def __init__(self, cfg, task, log):
+        import ray
+
+        from wr_train.probe import probe_checkpoint
+        self.cfg, self.log = cfg, log
+        self.launch = ray.remote(probe_checkpoint).options(num_cpus=cfg.cpus, num_gpus=cfg.gpus, max_retries=0)
+        self.task = ray.put(task)  # once, not with every probe
+        self.running = None  # (its object ref, the checkpoint's step, when it started)
+        self.waiting = None  # (the checkpoint's path, its step)
+
+    def add(self, ckpt: str, step: int) -> None:
+        if self.waiting:
+            self.log(f"probe: step {self.waiting[1]} skipped (step {self.running[1]}'s probe was still "
+                     f"running when step {step} was saved)")
+        self.waiting = (ckpt, step)
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        if self.running is None and self.waiting is not None:
+            ckpt, step = self.waiting
+            self.running = (self.launch.remote(ckpt, self.task, self.cfg), step, time.time())
+            self.waiting = None
+
+    def poll(self, wait: bool = False) -> list[dict]:
+        """The results that have landed (a failed or timed-out probe: a line, no result);
+        `wait`: every probe, running and waiting, to its end or its timeout."""
+        import ray
+        landed = []
+        while self.running is not None:
+            ref, step, started = self.running
+            left = self.cfg.timeout_s - (time.time() - started)
+            if wait and left > 0:
+                self.log(f"probe: waiting for step {step}'s probe (at most {left:.0f}s more)")
+            ready, _ = ray.wait([ref], timeout=max(0.0, left) if wait else 0)
+            if ready:
+                try:
+                    landed.append(ray.get(ref))
+                except Exception as e:  # a probe never stops training
+                    self.log(f"probe: step {step} failed: {root_cause_line(e)}")
+            elif left <= 0:
+                ray.cancel(ref, force=True)
+                self.log(f"probe: step {step} gave no result within probe.timeout_s={self.cfg.timeout_s:g}: "
+                         f"cancelled (no room for its probe.cpus / probe.gpus?)")
+            else:
+                return landed
+            self.running = None
+            self._start_waiting()
+        return landed
+
+
+def _take_probes(cfg: PretrainConfig, run_dir: str, w: _Worker, at: TrainState, wait: bool = False) -> None:
+    """Rank 0: the probe results that landed, each into its checkpoint's metrics row (next
+    to its eval_loss), the console, the trackers, and the run's metrics files."""
+    from wr_train.probe import probe_line
+    landed = w.probes.poll(wait)
+    for result in landed:
+        row = next((r for r in reversed(at.history) if r["step"] == result["step"]), None)
+        if row is not None:
+            row.update({k: v for k, v in result.items() if k.startswith("probe_")})
+        w.log(probe_line(result))
+        if w.trackers:
+            w.trackers.log_late({**result, "time": time.time()})
+    if landed:
+        _write_run_metrics(cfg, run_dir, at)
 
 
 def _where(stage, at: TrainState) -> str:
@@ -384,7 +488,7 @@ def write_tensorboard(history: list[dict], dest: str) -> None:
         writer = SummaryWriter(log_dir=tmp)
         for row in history:
             for key in ("loss", "mlm_acc", "lr", "tokens_per_s", "mfu",
-                        "eval_loss", "eval_acc", "unigram_floor", "unigram_acc"):
+                        "eval_loss", "eval_acc", "unigram_floor", "unigram_acc", "probe_acc", "probe_floor"):
                 if key in row:
                     writer.add_scalar(f"pretrain/{key}", row[key], row["step"], walltime=row.get("time"))
         writer.close()
@@ -451,6 +555,8 @@ def with_absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
         st.shards = storage.absolute(st.shards)
     if cfg.ds_config and os.path.exists(cfg.ds_config):  # else a shipped config's name
         cfg.ds_config = os.path.abspath(cfg.ds_config)
+    if cfg.probe.data:
+        cfg.probe.data = os.path.abspath(cfg.probe.data)
     return cfg
 
 
@@ -459,6 +565,7 @@ def run(cfg: PretrainConfig, log=_stderr_line, verbose: bool = False) -> str:
     Progress goes to stderr (the workers' lines too), so stdout can carry just the path."""
     cfg = with_absolute_paths(cfg)
     preflight(cfg)
+    probe_task = _probe_task(cfg, log)
     budget = _plan_budget(cfg, log)
     run_dir = run_dir_of(cfg)
     try:
@@ -466,7 +573,23 @@ def run(cfg: PretrainConfig, log=_stderr_line, verbose: bool = False) -> str:
     except storage.StorageError as e:
         raise ConfigError(f"--storage {cfg.storage}: {e}") from None
     with checkpoint.Lease(run_dir, log=log).held() as lease:  # one run per name
-        return _fit(cfg, run_dir, lease, log, verbose, budget)
+        return _fit(cfg, run_dir, lease, log, verbose, budget, probe_task)
+
+
+def _probe_task(cfg: PretrainConfig, log):
+    """The downstream probe's capped task (wr_train.probe), read here on the driver and
+    handed to the probes; None when the run does not probe. Bad task data fails here."""
+    if not cfg.probe.task:
+        return None
+    from wr_train.probe import capped_task, task_floor
+    from wr_train.tasks import TaskError
+    try:
+        task = capped_task(cfg.probe)
+    except TaskError as e:
+        raise ConfigError(f"probe.task {cfg.probe.task} (probe.data {cfg.probe.data}): {e}") from None
+    log(f"pretrain: probing each checkpoint on {task.name}: {len(task.train):,} train / {len(task.dev):,} "
+        f"dev examples, {cfg.probe.epochs} epoch(s), lr {cfg.probe.lrs} (majority {task_floor(task):.1%})")
+    return task
 
 
 def _plan_budget(cfg: PretrainConfig, log) -> dict | None:
@@ -489,7 +612,8 @@ def _plan_budget(cfg: PretrainConfig, log) -> dict | None:
     return {"shares": shares, "clock": bool(budget.seconds)}
 
 
-def _fit(cfg: PretrainConfig, run_dir: str, lease, log, verbose: bool, budget: dict | None = None) -> str:
+def _fit(cfg: PretrainConfig, run_dir: str, lease, log, verbose: bool, budget: dict | None = None,
+         probe_task=None) -> str:
     """Check the resume, then train on Ray; returns the last checkpoint's path."""
     checkpoint.forget_ray_snapshot(run_dir, log=log)
     ckpt, state = latest_complete(run_dir, log=log)
@@ -503,11 +627,14 @@ def _fit(cfg: PretrainConfig, run_dir: str, lease, log, verbose: bool, budget: d
     import ray.train  # after the checks: bad input fails before seconds of imports
     from ray.train.torch import TorchTrainer
     ensure_ray(gpu=cfg.gpu, verbose=verbose)
+    if probe_task is not None:
+        _check_probe_room(cfg, log)
     fs, inner = storage.resolve(cfg.storage)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": run_dir, "verbose": verbose,
-                           "lease": lease.token, "tracker_env": tracker_env(), "budget": budget},
+                           "lease": lease.token, "tracker_env": tracker_env(), "budget": budget,
+                           "probe_task": probe_task},
         scaling_config=ray.train.ScalingConfig(
             # elastic: Ray restarts the group on the workers it can get (each restart resumes
             # from the last checkpoint, re-partitioned; the batches stay the recipe's)
@@ -534,9 +661,22 @@ def _fit(cfg: PretrainConfig, run_dir: str, lease, log, verbose: bool, budget: d
     return last
 
 
+def _check_probe_room(cfg: PretrainConfig, log) -> None:
+    """A line when Ray has no room now for a probe beside the workers: each probe then
+    waits for it (or an autoscaler adds it), at most probe.timeout_s."""
+    import ray
+    have = ray.cluster_resources()
+    cpus = cfg.workers * cfg.cpus_per_worker + cfg.probe.cpus
+    gpus = (cfg.workers if cfg.gpu else 0) + cfg.probe.gpus
+    if (cfg.probe.cpus and have.get("CPU", 0) < cpus) or (cfg.probe.gpus and have.get("GPU", 0) < gpus):
+        log(f"pretrain: Ray has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs now; the workers "
+            f"and a probe ask for {cpus:g} and {gpus:g}: each probe waits for room, at most probe.timeout_s "
+            f"{cfg.probe.timeout_s:g}s (probe.cpus=0 runs it on the workers' cores)")
+
+
 def last_eval(run_dir: str) -> dict | None:
     """The run's last metrics row with a held-out evaluation (None if it has none)."""
-    path = storage.join(run_dir, "metrics.jsonl")
+    path = storage.join(run_dir, checkpoint.RUN_METRICS)
     if not storage.exists(path):
         return None
     rows = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

@@ -126,19 +126,33 @@ class Trackers:
                 id=ids.get("wandb_run_id") or uuid.uuid4().hex[:12], resume="allow",
                 config=self.config, dir=os.environ.get("WANDB_DIR"), reinit="create_new")
             ids["wandb_run_id"] = self.wandb_run.id
+            # probe results land after their step (log_late): plotted against their own step
+            self.wandb_run.define_metric("pretrain/probe_*", step_metric="pretrain/checkpoint_step")
         if ids != self._ids():
             storage.write_text(storage.join(self.run_dir, IDS), json.dumps(ids, indent=1))
         return self
 
     def log(self, row: dict) -> None:
-        series = metric_series(row)
+        self._log_mlflow(row)
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"pretrain/{k}": v for k, v in metric_series(row).items()},
+                               step=int(row["step"]))
+
+    def log_late(self, row: dict) -> None:
+        """A row of an earlier step than the last logged (a downstream probe's result,
+        which lands after its checkpoint). MLflow takes any step; W&B's steps only go
+        forward, so there the row goes at W&B's current step with its own as checkpoint_step."""
+        self._log_mlflow(row)
+        if self.wandb_run is not None:
+            self.wandb_run.log({**{f"pretrain/{k}": v for k, v in metric_series(row).items()},
+                                "pretrain/checkpoint_step": int(row["step"])})
+
+    def _log_mlflow(self, row: dict) -> None:
         if self.mlflow is not None:
             from mlflow.entities import Metric
             stamp = int(row.get("time", time.time()) * 1000)
             self.mlflow.log_batch(self.mlflow_run, metrics=[
-                Metric(f"pretrain/{k}", v, stamp, int(row["step"])) for k, v in series.items()])
-        if self.wandb_run is not None:
-            self.wandb_run.log({f"pretrain/{k}": v for k, v in series.items()}, step=int(row["step"]))
+                Metric(f"pretrain/{k}", v, stamp, int(row["step"])) for k, v in metric_series(row).items()])
 
     def artifact(self, path: str) -> None:
         if self.mlflow is not None:
@@ -199,7 +213,8 @@ def add_to_tracked_run(run_dir: str, paths: list[str], log=print) -> None:
 
 
 def loss_plot(history: list[dict], path: Path) -> str | None:
-    """The train loss per report, held-out eval loss and the unigram floor, as a PNG."""
+    """The train loss per report, held-out eval loss and the unigram floor, and the
+    downstream probe's accuracy with its majority floor when the run probed, as a PNG."""
     if not history:
         return None
     import matplotlib
@@ -218,7 +233,18 @@ def loss_plot(history: list[dict], path: Path) -> str | None:
     ax.set_xlabel("step")
     ax.set_ylabel("MLM loss (nats)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    probed = [h for h in history if "probe_acc" in h]
+    if probed:  # the downstream probe's accuracy on its own axis, above its majority floor
+        acc = ax.twinx()
+        acc.plot([h["step"] for h in probed], [h["probe_acc"] for h in probed], "s-", color="tab:green",
+                 lw=1.5, label=f"probe {probed[-1]['probe_task']} dev acc")
+        acc.axhline(probed[-1]["probe_floor"], color="tab:green", ls=":", lw=1,
+                    label=f"majority {probed[-1]['probe_floor']:.0%}")
+        acc.set_ylabel("probe accuracy")
+        more = acc.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

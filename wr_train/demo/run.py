@@ -25,6 +25,8 @@ DEMO_TASKS = ["douban", "chnsenticorp", "lcqmc", "tnews", "iflytek", "ocnli"]
 # nothing in 3 epochs at 3e-4 (measured: dev stayed at the majority class).
 DEMO_GRID = {"epochs": [3], "batch_sizes": [32], "lrs": [1e-3], "max_train_examples": 1000,
              "max_eval_examples": 500}
+# The stand-in task probed at every checkpoint while pretraining (its size: demo-tiny's probe.*)
+DEMO_PROBE = "chnsenticorp"
 
 
 def pretrain_summary(final: dict, seconds: float) -> str:
@@ -53,6 +55,10 @@ def pretrain_summary(final: dict, seconds: float) -> str:
         verdict = ("The model reads the context: it predicts masked words far better than their "
                    "frequencies, and fill-mask names words that fit.")
     rate = f" at ~{final['tokens_per_s'] / 1000:.0f}k tokens/s" if final.get("tokens_per_s") else ""
+    if "probe_acc" in final:
+        head += (f"\nThe downstream probe of its last checkpoint ({final['probe_task']}, fine-tuned on "
+                 f"{final['probe_train_examples']:,} examples): dev accuracy {final['probe_acc']:.1%}, against "
+                 f"{final['probe_floor']:.1%} for always answering the commonest label.")
     return (f"{head}\n{verdict} The seed's recipe (1M steps at batch 512) sees ~10,000x more "
             f"tokens, which a GPU cluster runs in hours; on this CPU `--budget` buys more{rate}.")
 
@@ -105,9 +111,11 @@ def run_demo(out: str = "demo_out", steps: int | None = None, verbose: bool = Fa
     else:
         print(f"reusing {shards}")
 
-    cfg = load_config("demo-tiny", [f"storage={root / 'runs'}", "name=demo-tiny", f"report_to={report_to}"])
+    cfg = load_config("demo-tiny", [f"storage={root / 'runs'}", "name=demo-tiny", f"report_to={report_to}",
+                                    f"probe.task={DEMO_PROBE}", f"probe.data={root / 'tasks'}"])
     precision = resolve_precision(cfg)  # demo-tiny's `auto`: fp32 on a CPU without AMX
-    _banner(f"4/6 pretrain the tiny model: Ray Train, 2 workers, DeepSpeed ZeRO-{cfg.zero_stage}, {precision}")
+    _banner(f"4/6 pretrain the tiny model: Ray Train, 2 workers, DeepSpeed ZeRO-{cfg.zero_stage}, {precision}; "
+            f"a {DEMO_PROBE} probe at each checkpoint")
     cfg.stages[0].shards = str(shards)
     if steps:
         cfg.stages[0].steps = steps
