@@ -312,3 +312,22 @@ def test_config_dict_round_trip_keeps_training_settings(pretrained_run):
     d = to_dict(cfg)
     assert training_settings(to_dict(from_dict(d)), 1) == training_settings(d, 1)
     assert {"mask.mask_share", "model.dropout", "stages.0.lr", "optim.betas", "eval_rows"} <= set(training_settings(d, 1))
+
+
+class _Payload:
+    """What a hostile RNG file could hold: unpickling it would call `ran.append`."""
+    ran: list = []
+
+    def __reduce__(self):
+        return (_Payload.ran.append, ("unpickled",))
+
+
+def test_rng_file_holding_code_is_refused_not_unpickled(tmp_path):
+    import torch
+    good, bad = tmp_path / "rank_0.pt", tmp_path / "rank_1.pt"
+    torch.save({"cpu": torch.get_rng_state(), "cuda": None}, good)
+    torch.save({"cpu": torch.get_rng_state(), "cuda": _Payload()}, bad)
+    assert torch.equal(checkpoint.read_rng(str(good))["cpu"], torch.get_rng_state())
+    with pytest.raises(CheckpointError, match=r"rank_1\.pt: not a plain RNG state \(refused to unpickle it"):
+        checkpoint.read_rng(str(bad))
+    assert _Payload.ran == []

@@ -346,10 +346,23 @@ def restore(engine, local: str, rank: int, saved_world: int, world: int) -> None
     path = os.path.join(local, "rng", f"rank_{rank}.pt")
     if not os.path.exists(path):
         return
-    rng = torch.load(path, weights_only=True)
+    rng = read_rng(path)
     torch.set_rng_state(rng["cpu"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
+
+
+def read_rng(path: str) -> dict:
+    """A rank's saved RNG state, read without unpickling code (torch's weights_only): a file
+    that holds anything but tensors is refused, naming it."""
+    import pickle
+
+    import torch
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a plain RNG state (refused to unpickle it: {first})") from None
 
 
 def full_weights(engine) -> dict:

@@ -60,7 +60,7 @@ def check_ds_precision(cfg: PretrainConfig, ds: dict) -> None:
     wanted = ds_file_precision(ds, cfg.ds_config)
     precision = resolve_precision(cfg)
     if wanted and wanted != precision:
-        means = f" (auto: {precision} on this {'GPU' if cfg.gpu else 'CPU'})" if cfg.precision == "auto" else ""
+        means = f" (auto: {precision} on {'GPU' if cfg.gpu else 'CPU'})" if cfg.precision == "auto" else ""
         raise ConfigError(f"ds_config {cfg.ds_config}: enables {wanted}, but precision={cfg.precision}"
                           f"{means} trains {precision}; set precision={wanted} or use another ds_config")
 
