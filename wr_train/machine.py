@@ -62,6 +62,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
             if key in name:
                 return value if dtype != torch.float32 else value / 2
         return measure_matmul_flops(dtype, 4096, device=device)
+    if dtype != torch.float32 and not cpu_has_bf16_matmul():
+        # emulated 16-bit matmuls: one 2048² product takes ~90 s on such a CPU (five of them
+        # were most of a bf16 run's start); a 256² one measures the same slow rate
+        return measure_matmul_flops(dtype, 256)
     return measure_matmul_flops(dtype, 2048)  # bf16 on a CPU with AMX runs several times fp32's rate
 
 
