@@ -22,7 +22,7 @@ from wr_train.hf import ExportError, check_hf_dir, quiet_transformers
 from wr_train.storage import is_s3
 from wr_train.text import FORMATS
 from wr_train.tokenizer import load_spm, save_hf_tokenizer
-from wr_train.tracking import add_to_tracked_run, loss_plot
+from wr_train.tracking import add_to_tracked_run, loss_plot, probed_rows
 
 
 # The exported config's dropout: what fine-tuning starts from (BERT's and UER's 0.1),
@@ -191,7 +191,7 @@ def model_card(cfg, state: dict, manifests: dict, history: list[dict], plot: str
         acc_floor = f" (commonest token {e['unigram_acc']:.1%})" if "unigram_acc" in e else ""
         lines.append(f"| held-out eval loss | {e['eval_loss']:.4f}{floor} |")
         lines.append(f"| held-out eval accuracy | {e['eval_acc']:.1%}{acc_floor} |")
-    probed = [h for h in history if "probe_acc" in h]
+    probed = probed_rows(history)
     if probed:
         p = probed[-1]
         lines.append(f"| downstream probe ({p['probe_task']}) | dev accuracy {p['probe_acc']:.1%} at step "

@@ -176,6 +176,11 @@ class Trackers:
             self.artifact(str(path))
 
 
+def probed_rows(history: list[dict]) -> list[dict]:
+    """The rows that hold a downstream probe's result (wr_train.probe), in step order."""
+    return [h for h in history if "probe_acc" in h]
+
+
 def mlflow_client(uri: str | None = None):
     """An MLflow client for the run's store: the one it was created in, else MLFLOW_TRACKING_URI.
     Named explicitly because mlflow.set_tracking_uri (which Ray Tune's MLflow callback calls)
@@ -234,7 +239,7 @@ def loss_plot(history: list[dict], path: Path) -> str | None:
     ax.set_ylabel("MLM loss (nats)")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
-    probed = [h for h in history if "probe_acc" in h]
+    probed = probed_rows(history)
     if probed:  # the downstream probe's accuracy on its own axis, above its majority floor
         acc = ax.twinx()
         acc.plot([h["step"] for h in probed], [h["probe_acc"] for h in probed], "s-", color="tab:green",
