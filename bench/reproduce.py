@@ -5,16 +5,29 @@ On the demo corpus and the six stand-in tasks, for each size asked (tiny by defa
    special ids), both packed into seq-128 rows by the same Ray Data pipeline: chars per
    token and rows per corpus (the seed's "faster" claim: fewer, fuller rows);
 2. a word model and a char model pretrained with equal compute (same steps × global batch
-   × seq length) through the same Ray Train + DeepSpeed job;
-3. each fine-tuned on all six tasks by the same Ray Tune sweep (a reduced grid, stated in
-   the report) with several seeds, beside a from-scratch model of the same size (word
-   vocabulary, random weights) as the floor; mean ± sd over seeds of the best-dev config;
-4. writes bench/REPRODUCE.md (+ bench/reproduce_loss.png): the seed's table layout with
+   × seq length) through the same Ray Train + DeepSpeed job, every checkpoint kept (~6);
+3. each fine-tuned on all six tasks by the same Ray Tune sweep (a reduced grid, the same
+   for every row, stated in the report) with several seeds, beside a from-scratch model of
+   the same size (word vocabulary, random weights) as the floor; mean ± sd over seeds of
+   the best-dev config. Twice: on --max-train examples per task, and on --low-data (a few
+   hundred, where pretraining should matter most);
+4. per task, word vs char and pretrained vs scratch: 'better' / 'worse' only beyond the
+   seeds' spread (the means differ by more than the two sds together), else 'tie';
+5. where word pretraining does not beat scratch (full data), the downstream probe
+   (wr_train.probe, demo-tiny's sizing) of every kept word checkpoint on that task, with
+   scratch as step 0: the curve says whether more pretraining would likely help;
+6. writes bench/REPRODUCE.md (+ bench/reproduce_loss.png): the seed's table layout with
    our rows, the chars/token lines, the loss curves and every setting, so anyone can rerun it.
 
-    python bench/reproduce.py                      # tiny, ~40 min on a 2-core CPU
+    python bench/reproduce.py                      # tiny, ~3 h on a 2-core CPU (estimate below)
     python bench/reproduce.py --sizes tiny,mini    # adds mini (about 3x tiny's pretraining)
     python bench/reproduce.py --quick              # a few-minute smoke run (not a result)
+
+Time, an estimate for tiny on 2 cores without AMX (fp32): pretraining word ~4.5 steps/s,
+14,400 steps ~55 min; char ~1.6x faster (as measured in bf16), ~35 min; the full-data
+sweeps 3 lrs × 3 seeds × 6 tasks, ~15 min per model (1 lr took ~5 min), ~45 min for three;
+the low-data sweeps ~5 min per model; the probes ~15 s each, 7 per probed task, ≤ 10 min.
+About 3 h, less with bf16 on an AMX CPU (pretraining ~1.3x faster).
 
 Every stage is skipped when its output exists under --work (default ~/.cache/wr-train/
 reproduce), so an interrupted run resumes. Findings are computed from the numbers, not
@@ -24,7 +37,9 @@ beat scratch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -97,11 +112,13 @@ def pretrain_model(work: Path, kind: str, size: str, shards: Path, steps: int, b
     from wr_train.export import export_checkpoint
     hf = work / f"hf-{kind}-{size}"
     run_name = f"{kind}-{size}"
+    every = max(1, steps // 6)  # ~6 checkpoints, all kept: the probe's curve reads them
     if not (hf / "model.safetensors").exists():
         log(f"pretraining {run_name}: {steps} steps × batch {batch} on {shards.name}")
         cfg = load_config("demo-tiny", [
             f"storage={work / 'runs'}", f"name={run_name}", f"model.size={size}",
-            f"workers={workers}", f"checkpoint_every={max(1, steps // 6)}", f"report_every={max(25, steps // 240)}",
+            f"workers={workers}", f"checkpoint_every={every}", f"keep_checkpoints={steps // every + 1}",
+            f"report_every={max(25, steps // 240)}",
             f"stages.0.shards={shards}", f"stages.0.steps={steps}",
             f"stages.0.global_batch={batch}", f"stages.0.micro_batch={batch // workers}",
             f"stages.0.lr={lr}", f"precision={precision}", *INITS[init]])
@@ -124,18 +141,19 @@ def scratch_model(work: Path, size: str, spm_dir: Path) -> Path:
     return hf
 
 
-def sweep(work: Path, name: str, model: Path, data: str, grid: dict, seeds: int) -> dict:
-    """Tune sweep over the six tasks; task -> per-seed dev/test of the best-dev configuration."""
+def sweep(work: Path, stage: str, name: str, model: Path, data: str, grid: dict, seeds: int) -> dict:
+    """Tune sweep `name` over the six tasks; task -> per-seed dev/test of the best-dev
+    configuration. A sweep found under `work` runs only its missing trials."""
     from wr_train.tune import SweepConfig, run_sweep
     from wr_train.tune_report import per_seed_scores
-    log(f"fine-tuning {name} on {len(TASKS)} tasks × {seeds} seeds (Ray Tune)")
+    log(f"fine-tuning {name} on {len(TASKS)} tasks × {seeds} seeds, {grid['max_train']:,} train examples (Ray Tune)")
     report = run_sweep(SweepConfig(str(model), TASKS, data, storage=str(work / "sweeps"), name=name,
                                    epochs=grid["epochs"], batch_sizes=grid["batch_sizes"], lrs=grid["lrs"],
                                    seeds=seeds, max_train_examples=grid["max_train"],
                                    max_eval_examples=grid["max_eval"], save_best=False,
                                    cpus_per_trial=1.0, model_name=name), log=log)
     if report["trials_run"]:
-        BUILT.add(f"finetune-{name}")
+        BUILT.add(stage)
     return per_seed_scores(report["sweep_dir"], report["best"], TASKS)
 
 
@@ -173,29 +191,167 @@ def loss_plot(curves: dict[str, list[dict]], path: Path, floors: dict[str, float
     plt.close(fig)
 
 
+VERDICT_RULE = ("'better' / 'worse' only when the means differ by more than the seeds' spread, "
+                "sd(a) + sd(b) (and at least 0.5 points); otherwise 'tie'")
+
+
 def compare(a: list[float], b: list[float]) -> str:
-    """'better' / 'worse' when the means differ by more than the larger sd, else 'tie'."""
+    """a vs b by VERDICT_RULE; 'n/a' when either has no scores."""
     if not a or not b:
         return "n/a"
     (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
-    if abs(ma - mb) <= max(sa, sb, 0.005):
+    if abs(ma - mb) <= max(sa + sb, 0.005):
         return "tie"
     return "better" if ma > mb else "worse"
 
 
+def dev_scores(results: dict, kind: str, size: str, task: str) -> list[float]:
+    """The per-seed dev accuracies of kind-size's best configuration on `task` ([] if none)."""
+    return results.get((kind, size), {}).get(task, {}).get("dev", [])
+
+
+def verdict(results: dict, size: str, task: str, a: str, b: str) -> str:
+    return compare(dev_scores(results, a, size, task), dev_scores(results, b, size, task))
+
+
 def score(r: dict) -> float:
-    return 100 * statistics.fmean(mean_sd(r[t]["dev"])[0] for t in TASKS if t in r)
+    means = [mean_sd(r[t]["dev"])[0] for t in TASKS if t in r]
+    return 100 * statistics.fmean(means) if means else float("nan")
 
 
-def findings(args, results: dict, pretrain_info: dict, vocab_ratio: float) -> list[str]:
+# ---------------------------------------------------------------- the probe's curve
+
+# demo-tiny's probe (wr_train/recipes/demo-tiny.yaml): a tiny model needs lr 1e-3, 3 epochs
+PROBE_SIZING = {"train_examples": 1000, "eval_examples": 500, "epochs": 3, "lrs": "1e-3"}
+QUICK_PROBE_SIZING = {"train_examples": 100, "eval_examples": 100, "epochs": 1, "lrs": "1e-3"}
+SHORT_TEXT_CHARS = 90  # fits seq 64: ~60 word tokens at ~1.5 characters each, beside [CLS] [SEP]
+
+
+def probe_seq(task) -> int:
+    """64 for a single-text task whose texts are short (90% at most SHORT_TEXT_CHARS
+    characters), as the demo's probe; 128 (the sweep's) for sentence pairs and long texts."""
+    lengths = sorted(len(ex.text_a) for ex in task.train)
+    short = bool(lengths) and lengths[int(0.9 * (len(lengths) - 1))] <= SHORT_TEXT_CHARS
+    return 64 if task.kind == "single" and short else 128
+
+
+def probe_curves(work: Path, size: str, tasks: list[str], data: str, sizing: dict,
+                 scratch_hf: Path) -> dict[str, list[dict]]:
+    """task -> the probe's points, oldest first: scratch as step 0, then every kept checkpoint
+    of word-{size}. Each point is probed once and kept in work/probes-word-{size}.json
+    (dropped when the sizing changes)."""
+    from wr_train.checkpoint import complete_checkpoints
+    from wr_train.config import ProbeConfig
+    from wr_train.probe import capped_task, probe_checkpoint, probe_hf
+    path = work / f"probes-word-{size}.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if cached.get("sizing") != sizing:
+        cached = {"sizing": sizing, "tasks": {}}
+    ckpts = sorted(complete_checkpoints(str(work / "runs" / f"word-{size}"), log=log), key=lambda c: c[1]["step"])
+    sources = [(0, str(scratch_hf))] + [(state["step"], ckpt) for ckpt, state in ckpts]
+    log(f"probe: scratch and {len(ckpts)} kept checkpoint(s) of word-{size} on {', '.join(tasks) or 'no task'}")
+    out = {}
+    for name in tasks:
+        cfg = ProbeConfig(task=name, data=data, cpus=float(os.cpu_count() or 1), **sizing)  # cpus: its threads
+        task = capped_task(cfg)
+        cfg = dataclasses.replace(cfg, seq_length=probe_seq(task))
+        points = cached["tasks"].setdefault(name, {})
+        for step, source in sources:
+            if str(step) not in points:
+                log(f"probing word-{size} at step {step} on {name} (seq {cfg.seq_length})")
+                result = probe_checkpoint(source, task, cfg) if step else {"step": 0, **probe_hf(source, task, cfg)}
+                points[str(step)] = {**result, "probe_seq": cfg.seq_length, "probe_dev_examples": len(task.dev)}
+                path.write_text(json.dumps(cached, indent=1))
+                BUILT.add(f"probe-word-{size}")
+        out[name] = [points[str(step)] for step, _ in sources]
+    return out
+
+
+def noise_margin(points: list[dict]) -> float:
+    """A probe's change that counts: 1/sqrt(n), two standard errors of an accuracy near 50%
+    on its n dev examples (4.5 points at 500)."""
+    return 1 / math.sqrt(points[0]["probe_dev_examples"])
+
+
+def curve_reading(points: list[dict]) -> str:
+    """What a probe's curve (scratch = step 0, then the checkpoints) says, from its numbers."""
+    steps, accs = [p["step"] for p in points], [p["probe_acc"] for p in points]
+    floor, margin, best = points[0]["probe_floor"], noise_margin(points), max(accs)
+    if best <= floor + margin:
+        return (f"at the majority share throughout (best {100 * best:.1f} vs {100 * floor:.1f}): the task "
+                "is beyond a model this size at this data size")
+    if len(accs) > 1 and accs[-1] > max(accs[:-1]) + margin:
+        return (f"rising at the last checkpoint ({100 * accs[-1]:.1f} vs at most {100 * max(accs[:-1]):.1f} "
+                "before): more pretraining would likely help")
+    if accs[-1] < best - margin:
+        return (f"peaked at step {steps[accs.index(best)]:,} ({100 * best:.1f}), {100 * accs[-1]:.1f} at the "
+                "last checkpoint: later pretraining moved away from what this task needs")
+    flat = next(i for i in range(len(accs)) if all(abs(a - accs[-1]) <= margin for a in accs[i:]))
+    return (f"flat from step {steps[flat]:,} ({100 * accs[flat]:.1f}, the last {100 * accs[-1]:.1f}): the "
+            "model's pretraining " + ("after that " if flat else "") + "does not reach this task")
+
+
+def probe_section(probes: dict[str, dict], sizing: dict) -> list[str]:
+    """Per size, the probed tasks × checkpoint step table with each curve's reading."""
+    lines = ["## 4. Where word pretraining does not beat scratch: the probe's curve", ""]
+    if not any(probes.values()):
+        return lines + ["Word pretraining beat scratch on every task with full data (or no size "
+                        "ran): nothing to probe.", ""]
+    lines += [f"For each task where the word model does not beat scratch with full data (section 3's "
+              f"rule), each of its kept checkpoints fine-tuned briefly (wr_train.probe, demo-tiny's "
+              f"sizing): a fixed random {sizing['train_examples']:,} train examples, the first "
+              f"{sizing['eval_examples']:,} dev examples, {sizing['epochs']} epoch(s), lr {sizing['lrs']}, "
+              f"one seed; seq 64 for single-text tasks whose texts are short (90% at most "
+              f"{SHORT_TEXT_CHARS} characters), 128 for pairs and long texts. Step 0 is the scratch "
+              "model (random weights of the same size). Cells: dev accuracy (%). A change counts "
+              "when larger than 1/√n, two standard errors of an accuracy near 50% on the n dev examples.", ""]
+    for size, curves in probes.items():
+        if not curves:
+            continue
+        steps = [p["step"] for p in next(iter(curves.values()))]
+        lines += [f"### {size}", "", "| task | seq | majority | " + " | ".join(
+                      "0 (scratch)" if s == 0 else f"{s:,}" for s in steps) + " | reading |",
+                  "|---|---|---|" + "---|" * len(steps) + "---|"]
+        for task, points in curves.items():
+            lines.append(f"| {task} | {points[0]['probe_seq']} | {100 * points[0]['probe_floor']:.1f} | " +
+                         " | ".join(f"{100 * p['probe_acc']:.1f}" for p in points) +
+                         f" | {curve_reading(points)} |")
+        lines.append("")
+    return lines
+
+
+def pretraining_findings(args, size: str, results: dict, low_results: dict, curves: dict) -> list[str]:
+    """Per task, whether word pretraining beats scratch (full data, low data), and where it
+    does not with full data, what the probe's curve says."""
+    lines = []
+    for label, res in ((f"{args.max_train:,}", results), (f"{args.low_data:,}", low_results)):
+        verdicts = {t: verdict(res, size, t, "word", "scratch") for t in TASKS}
+        if all(v == "n/a" for v in verdicts.values()):
+            continue
+        lines.append(f"- {size}, {label} train examples: word pretraining beats scratch on "
+                     f"{sum(v == 'better' for v in verdicts.values())} of {len(TASKS)} tasks — " +
+                     ", ".join(f"{t} **{v}**" for t, v in verdicts.items()) + ".")
+    if curves:
+        lines.append(f"- {size}, where word does not beat scratch on {args.max_train:,} train examples, "
+                     "the probe's curve (section 4):")
+        lines += [f"  - {t}: {curve_reading(points)}." for t, points in curves.items()]
+    return lines
+
+
+def findings(args, results: dict, low_results: dict, probes: dict, pretrain_info: dict,
+             vocab_ratio: float) -> list[str]:
     """The verdicts, computed from this run's numbers."""
-    lines = ["## 4. Findings (computed from the tables above)", ""]
+    lines = ["## 5. Findings (computed from the tables above)", "",
+             f"Per task, word vs scratch by the rule of section 3 ({VERDICT_RULE}):", ""]
+    for size in args.sizes:
+        lines += pretraining_findings(args, size, results, low_results, probes.get(size, {}))
+    lines.append("")
     for size in args.sizes:
         w, c, s = (results.get((k, size)) for k in ("word", "char", "scratch"))
         if not (w and c and s):
             continue
         sw, sc, ss = score(w), score(c), score(s)
-        lines.append(f"- {size}: word {sw:.1f} vs char {sc:.1f} — word **{'beats' if sw > sc else 'does not beat'}** "
+        lines.append(f"- {size}, {args.max_train:,} train examples: word {sw:.1f} vs char {sc:.1f} — word **{'beats' if sw > sc else 'does not beat'}** "
                      f"char here; pretrained word {sw:.1f} / char {sc:.1f} vs scratch {ss:.1f} — "
                      f"pretraining **{'helps' if min(sw, sc) > ss else 'does not clearly help' if max(sw, sc) > ss else 'does not help'}** "
                      "on the mean (per task: the comparison table).")
@@ -232,8 +388,38 @@ def eval_curve_table(curves: dict[str, list[dict]], pretrain_info: dict) -> list
     return lines
 
 
-def write_report(path: Path, args, grid: dict, tok_stats: dict, results: dict, curves: dict,
-                 curves_png: str, timings: dict, pretrain_info: dict) -> None:
+KINDS = ("word", "char", "scratch")
+PAIRS = (("word", "char"), ("word", "scratch"), ("char", "scratch"))
+
+
+def dev_table(results: dict, size: str) -> list[str]:
+    """The seed's layout: a row per model, a column per task, dev mean ± sd; the majority row."""
+    lines = ["| Model | Score | " + " | ".join(TASKS) + " |", "|---|---|" + "---|" * len(TASKS)]
+    for kind in KINDS:
+        r = results.get((kind, size))
+        if r is not None:
+            lines.append(f"| {kind}-{size} | {score(r):.1f} | " +
+                         " | ".join(fmt(r[t]["dev"]) if t in r else "–" for t in TASKS) + " |")
+    maj = results.get(("word", size), {})
+    lines.append("| majority class | " + (f"{100 * statistics.fmean([maj[t]['majority'] for t in TASKS if t in maj]):.1f}"
+                                        if maj else "–") + " | " +
+                 " | ".join(f"{100 * maj[t]['majority']:.1f}" if t in maj else "–" for t in TASKS) + " |")
+    return lines
+
+
+def comparison_table(args, size: str, results: dict, low_results: dict) -> list[str]:
+    """A row per task: each pair's verdict with full data, then with the low-data sweep."""
+    sets = [("", results)] + ([(f" ({args.low_data:,} ex.)", low_results)] if args.low_data else [])
+    heads = [f"{a} vs {b}{label}" for label, _ in sets for a, b in PAIRS]
+    lines = ["| task | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    for t in TASKS:
+        lines.append(f"| {t} | " + " | ".join(verdict(res, size, t, a, b) for _, res in sets for a, b in PAIRS) + " |")
+    return lines
+
+
+def write_report(path: Path, args, grid: dict, tok_stats: dict, results: dict, low_results: dict,
+                 probes: dict, probe_sizing: dict, curves: dict, curves_png: str, timings: dict,
+                 pretrain_info: dict) -> None:
     lines = ["# Word vs char, pretrained vs scratch, in miniature", "",
              f"Written by `{' '.join(['python bench/reproduce.py', *sys.argv[1:]])}`" +
              f" on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} CPUs, no GPU), in "
@@ -272,44 +458,35 @@ def write_report(path: Path, args, grid: dict, tok_stats: dict, results: dict, c
               "Loss values of word and char models are not comparable with each other (different "
               "vocabularies and targets: a masked word vs a masked character).", ""]
     lines += ["## 3. Fine-tuning (the seed's table layout)", "",
-              f"Reduced grid (the seed's is epochs {{3,5,8}} × batch {{32,64}} × lr {{3e-5,1e-4,3e-4}}): "
-              f"epochs {grid['epochs']} × batch {grid['batch_sizes']} × lr {grid['lrs']}, seq 128, "
-              f"first {grid['max_train']:,} train examples per task, dev/test capped at "
-              f"{grid['max_eval']:,}, {args.seeds} seeds per configuration. Cells: best-dev "
-              "configuration's dev accuracy, mean ± sd over seeds (%). Score = mean over tasks.", ""]
+              f"Reduced grid (the seed's is epochs {{3,5,8}} × batch {{32,64}} × lr {{3e-5,1e-4,3e-4}}), "
+              f"the same for every row (word, char and scratch alike; each row's best-dev "
+              f"configuration per task): epochs {grid['epochs']} × batch {grid['batch_sizes']} × "
+              f"lr {grid['lrs']}, seq 128, a fixed random {grid['max_train']:,} train examples per task "
+              f"(the same for every model and seed), dev/test capped at {grid['max_eval']:,}, "
+              f"{args.seeds} seeds per configuration. Cells: best-dev configuration's dev accuracy, "
+              "mean ± sd over seeds (%). Score = mean over tasks." +
+              (f" The low-data tables: the same sweep with {args.low_data:,} train examples per task."
+               if args.low_data else ""), ""]
     for size in args.sizes:
-        lines += [f"### {size}", "", "| Model | Score | " + " | ".join(TASKS) + " |",
-                  "|---|---|" + "---|" * len(TASKS)]
-        for kind in ("word", "char", "scratch"):
-            r = results.get((kind, size))
-            if r is None:
-                continue
-            means = [mean_sd(r[t]["dev"])[0] for t in TASKS if t in r]
-            score = 100 * statistics.fmean(means) if means else float("nan")
-            lines.append(f"| {kind}-{size} | {score:.1f} | " +
-                         " | ".join(fmt(r[t]["dev"]) if t in r else "–" for t in TASKS) + " |")
-        maj = results.get(("word", size), {})
-        lines.append("| majority class | " + (f"{100 * statistics.fmean([maj[t]['majority'] for t in TASKS if t in maj]):.1f}"
-                                            if maj else "–") + " | " +
-                     " | ".join(f"{100 * maj[t]['majority']:.1f}" if t in maj else "–" for t in TASKS) + " |")
+        lines += [f"### {size}", ""] + dev_table(results, size)
         lines += ["", "Test accuracy of the same configurations (– = the task's test split is unlabelled):", "",
                   "| Model | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
-        for kind in ("word", "char", "scratch"):
+        for kind in KINDS:
             r = results.get((kind, size))
             if r is not None:
                 lines.append(f"| {kind}-{size} | " + " | ".join(fmt(r[t]["test"]) if t in r else "–"
                                                                 for t in TASKS) + " |")
-        lines += ["", "Per task (dev; 'tie' = means within one sd):", "",
-                  "| task | word vs char | word vs scratch | char vs scratch |", "|---|---|---|---|"]
-        w, c, s = (results.get((k, size), {}) for k in ("word", "char", "scratch"))
-        for t in TASKS:
-            lines.append(f"| {t} | {compare(w.get(t, {}).get('dev', []), c.get(t, {}).get('dev', []))} | "
-                         f"{compare(w.get(t, {}).get('dev', []), s.get(t, {}).get('dev', []))} | "
-                         f"{compare(c.get(t, {}).get('dev', []), s.get(t, {}).get('dev', []))} |")
+        if args.low_data:
+            lines += ["", f"#### {size}, {args.low_data:,} train examples per task (dev accuracy)", ""]
+            lines += dev_table(low_results, size)
+        lines += ["", f"Per task (dev): {VERDICT_RULE}.", ""] + comparison_table(args, size, results, low_results)
         lines.append("")
-    lines += findings(args, results, pretrain_info, tok_stats["word"]["vocab"] / tok_stats["char"]["vocab"])
+    lines += probe_section(probes, probe_sizing)
+    lines += findings(args, results, low_results, probes, pretrain_info,
+                      tok_stats["word"]["vocab"] / tok_stats["char"]["vocab"])
     lines += ["## Settings and timings", "", "```", json.dumps({
-        "args": vars(args), "grid": grid, "timings_s": timings}, indent=1, default=str), "```", "",
+        "args": vars(args), "grid": grid, "probe": probe_sizing, "timings_s": timings}, indent=1,
+        default=str), "```", "",
         "Rerun: `python bench/reproduce.py` (stages found under --work are reused; delete it for "
         "a fresh run).", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -318,13 +495,14 @@ def write_report(path: Path, args, grid: dict, tok_stats: dict, results: dict, c
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/wr-train/reproduce"),
-                    help="where data, tokenizers, shards, runs and sweeps go (reused when present)")
+                    help="where data, tokenizers, shards, runs, sweeps and probes go (reused when present)")
     ap.add_argument("--sizes", default="tiny", help="comma list of presets (tiny, mini)")
     ap.add_argument("--word-vocab", type=int, default=20_000)
     # demo-tiny's recipe (batch 32, lr 1e-3, beta2 0.98, no dropout, decay over the last 20%;
     # bench/RESULTS.md), bf16 on an AMX CPU: 14,400 steps are ~32 min for word (20k vocab) and
-    # ~19 for char on 2 cores, both workers busy. At 12,000 steps word-tiny ended 1.29 nats
-    # below its floor, still taking off (RESULTS.md, "The reproduction, rerun").
+    # ~19 for char on 2 cores, both workers busy; fp32 without AMX, word ~4.5 steps/s (~55 min,
+    # an estimate for char: ~35). At 12,000 steps word-tiny ended 1.29 nats below its floor,
+    # still taking off (RESULTS.md, "The reproduction, rerun").
     ap.add_argument("--steps", type=int, default=14400, help="pretraining steps per model")
     ap.add_argument("--batch", type=int, default=32, help="global pretraining batch")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -336,20 +514,30 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="pretraining precision; auto: bf16 on a CPU with AMX (~1.3x faster, same "
                          "losses), fp32 elsewhere")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", default="3")
-    ap.add_argument("--batch-sizes", default="32")
-    ap.add_argument("--lrs", default="1e-3")
-    ap.add_argument("--max-train", type=int, default=2000)
-    ap.add_argument("--max-eval", type=int, default=1000)
+    ap.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per configuration")
+    ap.add_argument("--epochs", default="3", help="fine-tuning grid: epochs (comma list)")
+    ap.add_argument("--batch-sizes", default="32", help="fine-tuning grid: batch sizes (comma list)")
+    ap.add_argument("--lrs", default=None, help="fine-tuning grid: learning rates (comma list), the same "
+                    "for every model, scratch included (default 1e-4,3e-4,1e-3; --quick: 1e-3)")
+    ap.add_argument("--max-train", type=int, default=2000, help="train examples per task (a fixed random subset)")
+    ap.add_argument("--max-eval", type=int, default=1000, help="dev/test examples per task (the first)")
+    ap.add_argument("--low-data", type=int, default=None,
+                    help="the low-data column: every model also fine-tuned by the same sweep on this "
+                         "many train examples per task (default 300; --quick: 100; 0: off)")
     ap.add_argument("--report", default=str(HERE / "REPRODUCE.md"))
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 30 steps, 1 seed, 200 examples")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: 30 steps, 1 seed, lr 1e-3, 200 examples (100 low-data), probes of 100 examples, 1 epoch")
     args = ap.parse_args(argv)
     if args.precision == "auto":
         from wr_train.machine import cpu_precision
         args.precision = cpu_precision("bf16")
     if args.quick:
         args.steps, args.seeds, args.max_train, args.max_eval = 30, 1, 200, 200
+    args.lrs = args.lrs or ("1e-3" if args.quick else "1e-4,3e-4,1e-3")
+    args.low_data = (100 if args.quick else 300) if args.low_data is None else args.low_data
+    if args.low_data < 0 or (args.max_train and args.low_data >= args.max_train):
+        ap.error(f"--low-data {args.low_data}: expected 0 (off) or fewer than --max-train ({args.max_train})")
+    probe_sizing = QUICK_PROBE_SIZING if args.quick else PROBE_SIZING
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     grid = {"epochs": [int(x) for x in args.epochs.split(",")],
             "batch_sizes": [int(x) for x in args.batch_sizes.split(",")],
@@ -396,7 +584,10 @@ def main(argv=None) -> int:
     # preprocess records the floor: the loss / accuracy of predicting from token frequencies
     floors = {kind: {"entropy": s["manifest"]["unigram"]["entropy"],
                      "top1": s["manifest"]["unigram"]["top_fraction"]} for kind, s in shards.items()}
-    results, curves, pretrain_info = {}, {}, {}
+    results, low_results, probes, curves, pretrain_info = {}, {}, {}, {}, {}
+    low_grid = {**grid, "max_train": args.low_data}
+    tasks_dir = str(work / "demo" / "tasks")
+    quick = "-quick" if args.quick else ""
     for size in args.sizes:
         models = {}
         for kind in ("word", "char"):
@@ -413,15 +604,23 @@ def main(argv=None) -> int:
                                                **{f"floor_{k}": v for k, v in floors[kind].items()}}
         models["scratch"] = scratch_model(work, size, spms["word"])
         for kind, hf in models.items():
-            results[(kind, size)] = timed(f"finetune-{kind}-{size}", lambda: sweep(
-                work, f"{kind}-{size}{'-quick' if args.quick else ''}", hf,
-                str(work / "demo" / "tasks"), grid, args.seeds))
+            stage = f"finetune-{kind}-{size}"
+            results[(kind, size)] = timed(stage, lambda: sweep(
+                work, stage, f"{kind}-{size}{quick}", hf, tasks_dir, grid, args.seeds))
+        if args.low_data:
+            for kind, hf in models.items():
+                stage = f"finetune-low-{kind}-{size}"
+                low_results[(kind, size)] = timed(stage, lambda: sweep(
+                    work, stage, f"{kind}-{size}-low{args.low_data}{quick}", hf, tasks_dir, low_grid, args.seeds))
+        unbeaten = [t for t in TASKS if verdict(results, size, t, "word", "scratch") != "better"]
+        probes[size] = timed(f"probe-word-{size}", lambda: probe_curves(
+            work, size, unbeaten, tasks_dir, probe_sizing, models["scratch"]))
     png = Path(args.report).with_name("reproduce_loss.png")
     loss_plot(curves, png, {k: v["floor_entropy"] for k, v in pretrain_info.items()})
     timings["this_invocation"] = round(time.time() - t0, 1)
     timings["total"] = round(sum(v for k, v in timings.items() if k != "this_invocation"), 1)
-    write_report(Path(args.report), args, grid, tok_stats, results, curves, png.name, timings,
-                 pretrain_info)
+    write_report(Path(args.report), args, grid, tok_stats, results, low_results, probes, probe_sizing,
+                 curves, png.name, timings, pretrain_info)
     log(f"wrote {args.report} and {png} in {timings['this_invocation'] / 60:.1f} min")
     print(Path(args.report).read_text(encoding="utf-8"))
     return 0

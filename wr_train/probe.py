@@ -5,7 +5,8 @@ hash checked), write its weights as a HuggingFace directory (export's `write_hf_
 fine-tune that on the task once per learning rate of the probe's small grid
 (wr_train.finetune), and return the best dev accuracy as `probe_acc` beside the task's
 majority share as `probe_floor` (finetune's `majority_dev`: always answering the train
-subset's commonest label). `capped_task` is the task as every probe of a run sees it.
+subset's commonest label). `capped_task` is the task as every probe of a run sees it;
+`probe_hf` probes a model that has no checkpoint (bench/reproduce.py: scratch as step 0).
 
 Pretraining runs it beside training: rank 0 launches it as a Ray task on each checkpoint
 once Ray has persisted it, and merges the result into that checkpoint's metrics row when it
@@ -61,11 +62,18 @@ def probe_checkpoint(ckpt: str, task: Task, cfg: ProbeConfig) -> dict:
         with open_checkpoint(ckpt, log=lambda *_: None) as opened:
             write_hf_weights(opened, Path(hf_dir))
             step = opened.state["step"]
-        runs = [finetune(hf_dir, task, finetune_config(cfg, lr)) for lr in cfg.learning_rates()]
+        scores = probe_hf(hf_dir, task, cfg)
+    return {"step": step, **scores, "probe_s": round(time.time() - start, 1)}
+
+
+def probe_hf(hf_dir: str, task: Task, cfg: ProbeConfig) -> dict:
+    """The probe of a HuggingFace model directory (a checkpoint's weights, or a model that
+    has no checkpoint, e.g. random weights): {probe_task, probe_acc, probe_floor, probe_lr,
+    probe_train_examples}, as `probe_checkpoint` returns them."""
+    runs = [finetune(hf_dir, task, finetune_config(cfg, lr)) for lr in cfg.learning_rates()]
     best = max(runs, key=lambda run: run["dev_acc"])  # ties: the first lr
-    return {"step": step, "probe_task": task.name, "probe_acc": best["dev_acc"],
-            "probe_floor": best["majority_dev"], "probe_lr": best["config"]["lr"],
-            "probe_train_examples": best["train_examples"], "probe_s": round(time.time() - start, 1)}
+    return {"probe_task": task.name, "probe_acc": best["dev_acc"], "probe_floor": best["majority_dev"],
+            "probe_lr": best["config"]["lr"], "probe_train_examples": best["train_examples"]}
 
 
 def finetune_config(cfg: ProbeConfig, lr: float) -> FinetuneConfig:
