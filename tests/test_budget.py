@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import pretrain_cfg
 from wr_train import pretrain
-from wr_train.budget import Budget, parse_budget, stage_shares, token_steps
+from wr_train.budget import Budget, ClockPlan, parse_budget, stage_shares, token_steps
 from wr_train.checkpoint import list_checkpoints, verify_complete
 from wr_train.config import ConfigError, PretrainConfig, StageConfig
 
@@ -38,6 +38,28 @@ def test_token_budget_shares_the_stages_as_the_recipe_does():
     assert steps == [120, 40]                  # four times the recipe's tokens, in its proportion
 
 
+def test_ranks_that_adopt_rank_0s_fit_stay_due_at_the_same_steps():
+    # Each rank's clock differs; the plan's steps come from rank 0 (a broadcast), and the
+    # re-fit step must follow from those steps alone, or one rank waits in the fit's
+    # broadcast while the other is in the step's all-reduce: a hang (seen in a 2-worker run).
+    plans = [ClockPlan(Budget(seconds=240), [1.0], 0) for _ in range(2)]
+    clocks = [lambda step: 0.17 * step, lambda step: 0.23 * step]  # rank 1 slower
+    due_at = [[], []]
+    for step in range(1, 2000):
+        for rank, (plan, clock) in enumerate(zip(plans, clocks)):
+            plan.observe(step, clock(step))
+        due = [plan.due(step) for plan in plans]
+        assert due[0] == due[1], f"rank 0 due {due[0]}, rank 1 due {due[1]} at step {step}"
+        if due[0]:
+            steps, _ = plans[0].fit(step, clocks[0](step))
+            assert plans[1].fit(step, clocks[1](step))[0] != steps  # their own fits differ
+            for rank, plan in enumerate(plans):
+                plan.adopt(step, steps)
+                due_at[rank].append(step)
+    assert due_at[0] == due_at[1] and len(due_at[0]) == 2
+    assert all(plan.fits_done == 2 for plan in plans)
+
+
 def metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl") if line.strip()]
 
@@ -48,7 +70,7 @@ BUDGET_S = 45
 def budget_cfg(shards, storage, name, **over):
     cfg = pretrain_cfg(shards, storage, name, steps=1000, checkpoint_every=30, report_every=10,
                        eval_rows=64, budget=f"{BUDGET_S}s", keep_checkpoints=100, **over)
-    cfg.workers = 1
+    cfg.workers = 2  # the fits go through rank 0's broadcast, as the demo's do
     return cfg.validate()
 
 

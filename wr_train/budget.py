@@ -92,13 +92,18 @@ class ClockPlan:
         return self.fits_done < 2 and self.mark is not None and stage_step >= self.next_fit
 
     def fit(self, stage_step: int, trained_s: float) -> tuple[int, float]:
-        """(the stage's new steps, seconds per step measured since the mark)."""
+        """(the stage's new steps, seconds per step measured since the mark). Only measures:
+        a distributed run takes rank 0's fit and every rank `adopt`s it."""
         start, t0 = self.mark
         per_step = (trained_s - t0) / max(1, stage_step - start)
         steps = stage_step + max(1, int((self.deadline - trained_s) / max(per_step, 1e-9)))
+        return steps, per_step
+
+    def adopt(self, stage_step: int, steps: int) -> None:
+        """Take a fit's steps as the plan: the re-fit's step follows from them, so ranks that
+        adopt the same steps stay due at the same step (each rank's own clock would not)."""
         self.fits_done += 1
         self.next_fit = stage_step + max(1, int(REFIT_AT * (steps - stage_step)))
-        return steps, per_step
 
 
 def reshape_schedule(scheduler, stage: StageConfig) -> None:

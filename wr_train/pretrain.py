@@ -259,8 +259,9 @@ def _follow_plan(plan, engine, stage, manifest: dict, w: _Worker, at: TrainState
     if not plan.due(at.stage_step):
         return
     fitted = [plan.fit(at.stage_step, at.trained_s)]
-    dist.broadcast_object_list(fitted, src=0)
+    dist.broadcast_object_list(fitted, src=0)  # rank 0's clock: every rank the same plan
     steps, per_step = fitted[0]
+    plan.adopt(at.stage_step, steps)
     at.fits = plan.fits_done
     stage.steps = max(steps, at.stage_step + 1)
     reshape_schedule(engine.lr_scheduler, stage)
