@@ -23,11 +23,19 @@ import tempfile
 import time
 
 
-def run_point(shards: str, overrides: list[str], work: str, name: str) -> dict:
-    from wr_train import pretrain
+def recipe_config(recipe: str, shards: str, overrides: list[str]):
+    """The recipe plus overrides, `shards` in every stage that names none (a recipe with a
+    short-sequence first phase names its own seq-64 shards)."""
     from wr_train.config import load_config
-    cfg = load_config("demo-tiny", [f"storage={work}", f"name={name}", *overrides])
-    cfg.stages[0].shards = shards
+    cfg = load_config(recipe, overrides)
+    for stage in cfg.stages:
+        stage.shards = stage.shards or shards
+    return cfg
+
+
+def run_point(shards: str, overrides: list[str], work: str, name: str, recipe: str = "demo-tiny") -> dict:
+    from wr_train import pretrain
+    cfg = recipe_config(recipe, shards, [f"storage={work}", f"name={name}", *overrides])
     t0 = time.time()
     pretrain.run(cfg.validate(), log=lambda *a: None)
     wall = time.time() - t0
@@ -49,15 +57,14 @@ def plain_point(shards: str, overrides: list[str], name: str, threads: int = 1) 
     import numpy as np
     import torch
 
-    from wr_train.config import grad_accum, load_config
+    from wr_train.config import grad_accum
     from wr_train.engine import eval_set
     from wr_train.optim import param_groups, stage_schedule as lr_schedule
     from wr_train.model import SparseMLM, fresh_mlm
     from wr_train.shards import load_manifest
     from wr_train.stream import RowStream, masked_batches
     torch.set_num_threads(threads)
-    cfg = load_config("demo-tiny", overrides)
-    cfg.stages[0].shards = shards
+    cfg = recipe_config("demo-tiny", shards, overrides)
     cfg.validate()
     stage, world = cfg.stages[0], cfg.workers
     manifest = load_manifest(shards)
@@ -148,6 +155,8 @@ def main() -> None:
                     help="NAME key=value ...: one recipe point (demo-tiny + these overrides)")
     ap.add_argument("--out", default="bench/out/pretrain_recipes.jsonl")
     ap.add_argument("--loop", choices=["plain", "real"], default="plain")
+    ap.add_argument("--recipe", default="demo-tiny",
+                    help="the base recipe of every point (--loop real; a name or a YAML path)")
     ap.add_argument("--parallel", type=int, default=2, help="plain points run at once (one thread each)")
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -169,7 +178,7 @@ def main() -> None:
         name, overrides = point[0], point[1:]
         work = tempfile.mkdtemp(prefix="wr-recipe-")
         try:
-            r = run_point(os.path.abspath(args.shards), overrides, work, name)
+            r = run_point(os.path.abspath(args.shards), overrides, work, name, args.recipe)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         r["load_before"] = round(load, 2)
