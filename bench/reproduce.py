@@ -19,15 +19,16 @@ On the demo corpus and the six stand-in tasks, for each size asked (tiny by defa
 6. writes bench/REPRODUCE.md (+ bench/reproduce_loss.png): the seed's table layout with
    our rows, the chars/token lines, the loss curves and every setting, so anyone can rerun it.
 
-    python bench/reproduce.py                      # tiny, ~3 h on a 2-core CPU (estimate below)
+    python bench/reproduce.py                      # tiny, ~4 h on a 2-core CPU (see below)
     python bench/reproduce.py --sizes tiny,mini    # adds mini (about 3x tiny's pretraining)
     python bench/reproduce.py --quick              # a few-minute smoke run (not a result)
 
-Time, an estimate for tiny on 2 cores without AMX (fp32): pretraining word ~4.5 steps/s,
-14,400 steps ~55 min; char ~1.6x faster (as measured in bf16), ~35 min; the full-data
-sweeps 3 lrs × 3 seeds × 6 tasks, ~15 min per model (1 lr took ~5 min), ~45 min for three;
-the low-data sweeps ~5 min per model; the probes ~15 s each, 7 per probed task, ≤ 10 min.
-About 3 h, less with bf16 on an AMX CPU (pretraining ~1.3x faster).
+Time, measured for tiny on 2 cores without AMX (fp32, 2026-12-07, `--steps 7200 --max-train
+1000 --max-eval 500`: 132 min): pretraining word ~3.2 steps/s (7,200 steps 38 min), char
+~5 steps/s (24 min); the full-data sweeps (3 lrs × 3 seeds × 6 tasks) 14-16 min per model,
+the 300-example ones ~6.5, the probes 4 min for two tasks. The defaults (14,400 steps, 2,000
+train and 1,000 dev examples; the first sweep ran at ~35 s a trial) come to ~4 h; bf16 on
+an AMX CPU pretrains ~1.3x faster.
 
 Every stage is skipped when its output exists under --work (default ~/.cache/wr-train/
 reproduce), so an interrupted run resumes. Findings are computed from the numbers, not
@@ -421,8 +422,9 @@ def comparison_table(args, size: str, results: dict, low_results: dict) -> list[
 def write_report(path: Path, args, grid: dict, tok_stats: dict, results: dict, low_results: dict,
                  probes: dict, probe_sizing: dict, curves: dict, curves_png: str, timings: dict,
                  pretrain_info: dict) -> None:
+    command = " ".join(["python bench/reproduce.py", *sys.argv[1:]])  # as run, so it reruns as run
     lines = ["# Word vs char, pretrained vs scratch, in miniature", "",
-             f"Written by `{' '.join(['python bench/reproduce.py', *sys.argv[1:]])}`" +
+             f"Written by `{command}`" +
              f" on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} CPUs, no GPU), in "
              f"{timings['total'] / 60:.0f} min of stage time (each stage's time from the run that "
              "built it; stages found under --work are reused). Every number below comes from that run.", "",
@@ -488,8 +490,7 @@ def write_report(path: Path, args, grid: dict, tok_stats: dict, results: dict, l
     lines += ["## Settings and timings", "", "```", json.dumps({
         "args": vars(args), "grid": grid, "probe": probe_sizing, "timings_s": timings}, indent=1,
         default=str), "```", "",
-        "Rerun: `python bench/reproduce.py` (stages found under --work are reused; delete it for "
-        "a fresh run).", ""]
+        f"Rerun: `{command}` (stages found under --work are reused; delete it for a fresh run).", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -501,9 +502,10 @@ def main(argv=None) -> int:
     ap.add_argument("--word-vocab", type=int, default=20_000)
     # demo-tiny's recipe (batch 32, lr 1e-3, beta2 0.98, no dropout, decay over the last 20%;
     # bench/RESULTS.md), bf16 on an AMX CPU: 14,400 steps are ~32 min for word (20k vocab) and
-    # ~19 for char on 2 cores, both workers busy; fp32 without AMX, word ~4.5 steps/s (~55 min,
-    # an estimate for char: ~35). At 12,000 steps word-tiny ended 1.29 nats below its floor,
-    # still taking off (RESULTS.md, "The reproduction, rerun").
+    # ~19 for char on 2 cores, both workers busy; fp32 without AMX, word ~3.2 steps/s (~76 min)
+    # and char ~5 (~48 min), measured at 7,200 steps. At 12,000 steps word-tiny ended 1.29 nats
+    # below its floor, still taking off (RESULTS.md, "The reproduction, rerun"); at 7,200 (fp32,
+    # REPRODUCE.md of 2026-12-07) only 0.62.
     ap.add_argument("--steps", type=int, default=14400, help="pretraining steps per model")
     ap.add_argument("--batch", type=int, default=32, help="global pretraining batch")
     ap.add_argument("--lr", type=float, default=1e-3)
