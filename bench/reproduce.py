@@ -501,11 +501,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="tiny", help="comma list of presets (tiny, mini)")
     ap.add_argument("--word-vocab", type=int, default=20_000)
     # demo-tiny's recipe (batch 32, lr 1e-3, beta2 0.98, no dropout, decay over the last 20%;
-    # bench/RESULTS.md), bf16 on an AMX CPU: 14,400 steps are ~32 min for word (20k vocab) and
-    # ~19 for char on 2 cores, both workers busy; fp32 without AMX, word ~3.2 steps/s (~76 min)
-    # and char ~5 (~48 min), measured at 7,200 steps. At 12,000 steps word-tiny ended 1.29 nats
-    # below its floor, still taking off (RESULTS.md, "The reproduction, rerun"); at 7,200 (fp32,
-    # REPRODUCE.md of 2026-12-07) only 0.62.
+    # bench/RESULTS.md); the time per step on 2 cores: the docstring's "Time". At 12,000 steps
+    # word-tiny ended 1.29 nats below its floor, still taking off (RESULTS.md, "The
+    # reproduction, rerun"); at 7,200 (REPRODUCE.md of 2026-12-07) only 0.62.
     ap.add_argument("--steps", type=int, default=14400, help="pretraining steps per model")
     ap.add_argument("--batch", type=int, default=32, help="global pretraining batch")
     ap.add_argument("--lr", type=float, default=1e-3)
